@@ -1,0 +1,3 @@
+from compresslight.cli import main
+
+main()

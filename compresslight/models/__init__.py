@@ -1,0 +1,1 @@
+"""Plain `nn.Module` architectures, one family per file; importing registers them."""

@@ -1,0 +1,62 @@
+"""Model registry: explicit `@register_model` entrypoints, looked up by name.
+
+Each entrypoint is a plain function `name(num_classes=..., in_channels=...) -> nn.Module` with a
+one-line docstring, so `list_models()` and an unknown-name error can say what exists.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from torch import nn
+
+ModelFactory = Callable[..., nn.Module]
+F = TypeVar("F", bound=ModelFactory)
+
+_MODEL_ENTRYPOINTS: dict[str, ModelFactory] = {}
+
+
+def register_model(factory: F) -> F:
+    """Registers `factory` under its function name.
+
+    Raises:
+        ValueError: if another factory already holds that name.
+    """
+    name = factory.__name__
+    if name in _MODEL_ENTRYPOINTS and _MODEL_ENTRYPOINTS[name] is not factory:
+        raise ValueError(f"A model named {name!r} is already registered.")
+    _MODEL_ENTRYPOINTS[name] = factory
+    return factory
+
+
+def list_models() -> list[str]:
+    """Names of all registered architectures, sorted."""
+    _import_builtin_models()
+    return sorted(_MODEL_ENTRYPOINTS)
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Builds the registered architecture `name`.
+
+    Args:
+        name: a name from `list_models()`.
+        num_classes: outputs of the classifier head.
+        in_channels: channels of the input images (3 for RGB, 1 for grayscale).
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones) or a count < 1.
+    """
+    _import_builtin_models()
+    if name not in _MODEL_ENTRYPOINTS:
+        raise ValueError(f"`arch` must be one of {sorted(_MODEL_ENTRYPOINTS)}, got {name!r}.")
+    if num_classes < 1:
+        raise ValueError(f"`num_classes` must be >= 1, got {num_classes!r}.")
+    if in_channels < 1:
+        raise ValueError(f"`in_channels` must be >= 1, got {in_channels!r}.")
+    return _MODEL_ENTRYPOINTS[name](num_classes=num_classes, in_channels=in_channels)
+
+
+def _import_builtin_models() -> None:
+    # The architectures register themselves on import; importing here keeps `registry` free of
+    # a circular import with `compresslight.models`.
+    import compresslight.models  # noqa: F401

@@ -1,0 +1,1 @@
+"""LightningDataModules, installed as `compresslight.datamodules`."""

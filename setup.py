@@ -1,0 +1,45 @@
+"""Installs compresslight.
+
+`callbacks/` and `datamodules/` live at the top of the repository (DESIGN.md) but install as
+`compresslight.callbacks` and `compresslight.datamodules`: users add our callbacks to their own
+Lightning projects, which often have a `callbacks.py` or `datamodules/` of their own that
+top-level packages with those names would shadow.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+
+def read_requirements() -> list[str]:
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="compresslight",
+    version="0.1.0",
+    description="Keras-style training on PyTorch Lightning where model compression is a callback, "
+    "with measured (not promised) speedups.",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "compresslight",
+        "compresslight.models",
+        "compresslight.compression",
+        "compresslight.profiling",
+        "compresslight.callbacks",
+        "compresslight.datamodules",
+    ],
+    package_dir={
+        "compresslight": "compresslight",
+        "compresslight.callbacks": "callbacks",
+        "compresslight.datamodules": "datamodules",
+    },
+    install_requires=read_requirements(),
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    entry_points={"console_scripts": ["compresslight = compresslight.cli:main"]},
+)
