@@ -28,6 +28,10 @@ class CompressionRecord:
     """
 
     kind: ClassVar[str] = ""
+    # Path of the submodule the edit applies to, relative to the module `replay` is given
+    # ("" = that module itself; "model" for `ImageClassifier`). Keyword-only so subclasses can
+    # declare fields without defaults.
+    target: str = dataclasses.field(default="", kw_only=True)
 
     def apply(self, model: nn.Module) -> None:
         """Replays the edit on `model`: same shapes as the original edit, weights not required."""
@@ -79,7 +83,9 @@ def as_record(record: CompressionRecord | Mapping[str, Any]) -> CompressionRecor
 
 
 def replay(model: nn.Module, records: Iterable[CompressionRecord | Mapping[str, Any]]) -> list[CompressionRecord]:
-    """Applies `records` to `model` in order and returns them as record objects.
+    """Applies `records` to `model` (each to its `target` submodule) in order.
+
+    Returns the records as record objects.
 
     The one replay function: checkpoints, callbacks and the CLI all go through it.
     """
@@ -88,6 +94,6 @@ def replay(model: nn.Module, records: Iterable[CompressionRecord | Mapping[str, 
     applied = []
     for record in records:
         record = as_record(record)
-        record.apply(model)
+        record.apply(model.get_submodule(record.target))
         applied.append(record)
     return applied

@@ -1,0 +1,336 @@
+"""The one place where a structural edit meets a running Trainer.
+
+Every callback that changes a model's structure (pruning, Tucker, LC) derives from
+`StructuralCompressionCallback` and calls `apply_edit`. It:
+
+1. runs the pure algorithm on rank 0 and broadcasts the record, so every DDP rank makes the same
+   edit (measurement-driven decisions may differ between processes);
+2. stores the record where checkpoints keep it (`pl_module.compression_records` for modules that
+   keep records, e.g. `ImageClassifier`; always also in the callback's own state, so it works on
+   any LightningModule);
+3. mid-fit, rebuilds the optimizers and LR schedulers through `rebuild_optimizers` (keeping the
+   schedule's position and the momentum of surviving parameters) and re-wraps the model under DDP;
+4. logs params, MACs and per-layer channels before/after to every logger and to
+   `compression_log.jsonl` in the run's log dir, and tells `ProfileCallback`s about the edit.
+
+On resume (`fit(ckpt_path=...)`) Lightning calls callbacks' `setup` before it restores the
+module, so `setup` replays this callback's records from the checkpoint onto a module that does
+not keep records itself, before the weights load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch import nn
+from typing_extensions import override
+
+from compresslight.checkpoint import EDIT_INDEX_KEY, callback_records, read_checkpoint
+from compresslight.compression.record import CompressionRecord, as_record, replay
+
+log = logging.getLogger(__name__)
+
+
+class StructuralCompressionCallback(Callback):
+    """Base of callbacks that edit a model's structure.
+
+    Args:
+        module_path: the submodule of the LightningModule to compress (dotted path). Default:
+            `model` when the LightningModule has an `nn.Module` attribute of that name (as
+            `ImageClassifier` does), else the LightningModule itself.
+    """
+
+    def __init__(self, module_path: str | None = None) -> None:
+        self.module_path = module_path
+        self.records: list[dict[str, Any]] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(module_path=self.module_path)
+
+    def target_path(self, pl_module: pl.LightningModule) -> str:
+        """The resolved `module_path`."""
+        if self.module_path is not None:
+            return self.module_path
+        return "model" if isinstance(getattr(pl_module, "model", None), nn.Module) else ""
+
+    def target_module(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The submodule this callback compresses.
+
+        Raises:
+            ValueError: if `module_path` names no submodule.
+        """
+        path = self.target_path(pl_module)
+        try:
+            return pl_module.get_submodule(path)
+        except AttributeError:
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(
+                f"`module_path` must name a submodule of {type(pl_module).__name__} (children: {children}), got {path!r}."
+            ) from None
+
+    # --- resume ------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.target_module(pl_module)  # fail early on a bad module_path
+        if trainer.ckpt_path is None:
+            return
+        checkpoint = read_checkpoint(trainer.ckpt_path)
+        self.records = list(checkpoint.get("callbacks", {}).get(self.state_key, {}).get("records", []))
+        setattr(pl_module, _EDIT_COUNT_ATTR, len(callback_records(checkpoint)))
+        if not _keeps_records(pl_module) and getattr(pl_module, _REPLAYED_ATTR, None) != trainer.ckpt_path:
+            # Lightning restores the weights after every callback's `setup`: give them the
+            # compressed architecture they were saved from. The first compression callback
+            # replays every callback's records, in the order they were made.
+            replay(pl_module, callback_records(checkpoint))
+            setattr(pl_module, _REPLAYED_ATTR, trainer.ckpt_path)
+
+    def resumed_with_records(self) -> bool:
+        """True when the run resumed from a checkpoint in which this callback had acted."""
+        return bool(self.records)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": list(self.records)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = list(state_dict.get("records", []))
+
+    # --- the edit ----------------------------------------------------------------------------
+
+    def apply_edit(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        edit: Callable[[nn.Module], CompressionRecord],
+        example_inputs: torch.Tensor | None = None,
+    ) -> CompressionRecord:
+        """Runs `edit(target_module)` and brings the Trainer up to date with the new structure.
+
+        Args:
+            trainer: the running Trainer.
+            pl_module: the LightningModule being trained.
+            edit: a pure algorithm bound to its arguments; edits the module in place, returns a record.
+            example_inputs: inputs for the MAC count (default: `example_inputs(trainer, pl_module)`).
+        """
+        started = time.perf_counter()
+        target = self.target_module(pl_module)
+        path = self.target_path(pl_module)
+        inputs = example_inputs if example_inputs is not None else find_example_inputs(trainer, pl_module)
+        before = _structure_summary(target, inputs)
+        optimizer_snapshot = OptimizerSnapshot.take(trainer, pl_module) if trainer.optimizers else None
+
+        record_dict: dict[str, Any] | None = None
+        failure: str | None = None
+        if trainer.is_global_zero:
+            try:
+                record = edit(target)
+            except Exception as error:
+                if trainer.world_size == 1:
+                    raise
+                failure = f"{type(error).__name__}: {error}"
+            else:
+                record.target = path
+                record_dict = record.to_dict()
+        if trainer.world_size > 1:
+            # Rank 0 decides (measurement-driven choices may differ between processes); the
+            # others replay its record. A failure is broadcast too, so no rank waits forever.
+            record_dict, failure = trainer.strategy.broadcast((record_dict, failure), src=0)
+            if failure is not None:
+                raise RuntimeError(f"{type(self).__name__} failed on rank 0: {failure}")
+            if not trainer.is_global_zero:
+                replay(pl_module, [record_dict])
+        record = as_record(record_dict)
+
+        edit_index = getattr(pl_module, _EDIT_COUNT_ATTR, 0)
+        setattr(pl_module, _EDIT_COUNT_ATTR, edit_index + 1)
+        self.records.append({**record_dict, EDIT_INDEX_KEY: edit_index})
+        if _keeps_records(pl_module):
+            pl_module.compression_records.append(record)
+        if optimizer_snapshot is not None:
+            rebuild_optimizers(trainer, pl_module, optimizer_snapshot, record)
+
+        after = _structure_summary(target, inputs)
+        seconds = time.perf_counter() - started
+        self._log_edit(trainer, record, before, after, seconds)
+        for callback in trainer.callbacks:
+            if callback is not self and hasattr(callback, "on_compression"):
+                callback.on_compression(trainer, pl_module)
+        return record
+
+    @rank_zero_only
+    def _log_edit(
+        self, trainer: pl.Trainer, record: CompressionRecord, before: dict[str, Any], after: dict[str, Any], seconds: float
+    ) -> None:
+        metrics = {
+            "compression/params": float(after["params"]),
+            "compression/macs": float(after["macs"]),
+            "compression/params_ratio": after["params"] / max(before["params"], 1),
+            "compression/macs_ratio": after["macs"] / max(before["macs"], 1),
+            "compression/edit_seconds": seconds,
+        }
+        metrics.update({f"compression/channels/{name}": float(n) for name, n in after["channels"].items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        entry = {
+            "callback": type(self).__name__,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "record": record.to_dict(),
+            "seconds": seconds,
+            "before": before,
+            "after": after,
+        }
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / "compression_log.jsonl", "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        log.info(
+            "%s (%s): params %d -> %d, MACs %d -> %d, %.2f s.",
+            type(self).__name__, record.kind, before["params"], after["params"], before["macs"], after["macs"], seconds,
+        )
+
+
+# Plain attributes on the LightningModule: how many edits it has had (orders records of several
+# callbacks) and which checkpoint's records were replayed onto it already.
+_EDIT_COUNT_ATTR = "_compresslight_edit_count"
+_REPLAYED_ATTR = "_compresslight_replayed_checkpoint"
+
+
+def _keeps_records(pl_module: pl.LightningModule) -> bool:
+    return isinstance(getattr(pl_module, "compression_records", None), list)
+
+
+def find_example_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
+    """One input batch for tracing: `example_input_array`, the datamodule's `input_shape`, or a
+    float copy of the first training batch.
+
+    Raises:
+        ValueError: when none of those is available.
+    """
+    if isinstance(pl_module.example_input_array, torch.Tensor):
+        return pl_module.example_input_array.to(pl_module.device)
+    datamodule = getattr(trainer, "datamodule", None)
+    input_shape = getattr(datamodule, "input_shape", None)
+    if input_shape is not None:
+        return torch.zeros(1, *input_shape, device=pl_module.device)
+    if datamodule is not None:
+        batch = next(iter(datamodule.train_dataloader()))
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return images[:1].float().to(pl_module.device)
+    raise ValueError(
+        "Compression needs example inputs to trace the model: set `example_input_array` on the "
+        "LightningModule or use a datamodule with an `input_shape`."
+    )
+
+
+def _structure_summary(module: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
+    from compresslight.profiling import count_macs
+
+    channels = {
+        name: (layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features)
+        for name, layer in module.named_modules()
+        if isinstance(layer, (nn.Conv2d, nn.Linear))
+    }
+    return {
+        "params": sum(p.numel() for p in module.parameters()),
+        "macs": count_macs(module, example_inputs[:1]),
+        "channels": channels,
+    }
+
+
+# --- the one optimizer-rebuild helper --------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OptimizerSnapshot:
+    """Optimizer state by parameter *name* (parameter objects do not survive an edit), plus the
+    LR schedulers' states and each param group's current lr."""
+
+    states: list[dict[str, dict[str, Any]]]
+    group_lrs: list[list[float]]
+    scheduler_states: list[dict[str, Any]]
+
+    @classmethod
+    def take(cls, trainer: pl.Trainer, pl_module: pl.LightningModule) -> OptimizerSnapshot:
+        names = {id(param): name for name, param in pl_module.named_parameters()}
+        states = []
+        for optimizer in trainer.optimizers:
+            states.append(
+                {
+                    names[id(param)]: dict(optimizer.state[param])
+                    for group in optimizer.param_groups
+                    for param in group["params"]
+                    if id(param) in names and param in optimizer.state
+                }
+            )
+        group_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in trainer.optimizers]
+        scheduler_states = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+        return cls(states=states, group_lrs=group_lrs, scheduler_states=scheduler_states)
+
+
+def rebuild_optimizers(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: OptimizerSnapshot, record: CompressionRecord
+) -> None:
+    """Gives the Trainer optimizers over the edited module's parameters.
+
+    Re-wraps the model under DDP, calls `configure_optimizers` again, carries each surviving
+    parameter's state (sliced with the record's kept indices where its shape shrank) and
+    restores the LR schedulers' position and the optimizers' current lr. A stale optimizer would
+    keep stepping the removed tensors and silently never update the new ones.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy):
+        # DDP keeps its own view of the parameters (buckets, hooks): wrap the edited module anew.
+        # The new wrapper broadcasts rank 0's weights, so every rank starts the same.
+        strategy.model = pl_module
+        strategy.configure_ddp()
+    strategy.setup_optimizers(trainer)
+
+    prefix = f"{record.target}." if record.target else ""
+    index_map = {prefix + name: dims for name, dims in record.parameter_index_map().items()}
+    names = {id(param): name for name, param in pl_module.named_parameters()}
+    for optimizer, old_states in zip(trainer.optimizers, snapshot.states):
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                name = names.get(id(param))
+                if name in old_states:
+                    carried = _carry_state(old_states[name], param, index_map.get(name, {}))
+                    if carried:
+                        optimizer.state[param] = carried
+    for config, state in zip(trainer.lr_scheduler_configs, snapshot.scheduler_states):
+        config.scheduler.load_state_dict(state)
+    # A scheduler's state_dict does not carry the optimizer's current lr: without this the
+    # schedule silently restarts from the initial lr.
+    for optimizer, lrs in zip(trainer.optimizers, snapshot.group_lrs):
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+
+
+def _carry_state(old_state: dict[str, Any], param: torch.Tensor, kept: dict[int, list[int]]) -> dict[str, Any]:
+    """The old state of one parameter, sliced to its new shape; empty if it cannot be mapped."""
+    carried: dict[str, Any] = {}
+    for key, value in old_state.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            carried[key] = value
+            continue
+        for dim, indices in kept.items():
+            if value.shape != param.shape:
+                value = value.index_select(int(dim), torch.as_tensor(indices, device=value.device))
+        if value.shape != param.shape:
+            return {}
+        carried[key] = value
+    return carried

@@ -1,0 +1,248 @@
+"""`ImageClassifier`: the LightningModule every compresslight config trains.
+
+It wraps any registered architecture (or any `nn.Module`) as `self.model`, trains it with SGD and
+the papers' LR schedules, and keeps the model's structural compression history
+(`compression_records`) in its checkpoints so that a compressed checkpoint loads in any process:
+`ImageClassifier.load_from_checkpoint(path)` rebuilds the original architecture, replays the
+records, then loads the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from typing_extensions import override
+
+from compresslight.checkpoint import RECORDS_KEY, read_checkpoint
+from compresslight.compression.record import CompressionRecord, as_record, replay
+from compresslight.registry import create_model
+
+log = logging.getLogger(__name__)
+
+LRSchedule = Literal["multistep", "cosine", "onecycle", "exponential", "constant"]
+
+
+class ImageClassifier(pl.LightningModule):
+    """Image classification with any registered architecture.
+
+    Args:
+        arch: a registry name (`compresslight.list_models()`) or an `nn.Module` (class_path in YAML).
+        num_classes: outputs of the head; the CLI links it from the datamodule.
+        input_shape: (channels, height, width) of one image; the CLI links it from the datamodule.
+        lr: initial learning rate of SGD.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty.
+        nesterov: Nesterov momentum.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        lr_schedule: "multistep" (x`gamma` at `milestones`, fractions of max_epochs, papers
+            000/001), "cosine", "onecycle" (per step, peak `lr`), "exponential" (x`gamma` per
+            epoch, paper 003) or "constant".
+        milestones: for "multistep", fractions of `trainer.max_epochs` in (0, 1).
+        gamma: LR factor for "multistep" and "exponential".
+        init_from: a checkpoint to take weights (and structural edits) from before training: the
+            papers' "compress a trained baseline, then fine-tune". Weights only; no optimizer state.
+
+    Raises:
+        ValueError: for an unknown architecture, hyperparameters out of range or an unreadable
+            `init_from`.
+    """
+
+    def __init__(
+        self,
+        arch: str | nn.Module = "resnet20",
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (3, 32, 32),
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        nesterov: bool = False,
+        label_smoothing: float = 0.0,
+        lr_schedule: LRSchedule = "multistep",
+        milestones: Sequence[float] = (0.5, 0.75),
+        gamma: float = 0.1,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        _validate_hyperparameters(lr, momentum, weight_decay, label_smoothing, lr_schedule, milestones, gamma)
+        if len(input_shape) != 3:
+            raise ValueError(f"`input_shape` must be (channels, height, width), got {tuple(input_shape)!r}.")
+        self.save_hyperparameters(ignore=["arch"] if isinstance(arch, nn.Module) else None)
+        self.model = arch if isinstance(arch, nn.Module) else create_model(
+            arch, num_classes=num_classes, in_channels=input_shape[0]
+        )
+        self.example_input_array = torch.zeros(1, *input_shape)
+        self.compression_records: list[CompressionRecord] = []
+        self.train_metrics = _classification_metrics(num_classes, prefix="train/")
+        self.val_metrics = _classification_metrics(num_classes, prefix="val/")
+        self.test_metrics = _classification_metrics(num_classes, prefix="test/")
+        if init_from is not None:
+            self._init_from_checkpoint(init_from)
+
+    @override
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    @override
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    @override
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    @override
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        metrics = getattr(self, f"{stage}_metrics")
+        # Update only; the collection computes once per epoch (per-step compute would sync and
+        # cost time in the hot loop).
+        metrics.update(logits.detach(), targets)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=stage != "train")
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
+        )
+        if hp.lr_schedule == "constant":
+            return optimizer
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        interval = "epoch"
+        if hp.lr_schedule == "multistep":
+            milestones = sorted({max(1, round(fraction * max_epochs)) for fraction in hp.milestones})
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.gamma)
+        elif hp.lr_schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+        elif hp.lr_schedule == "exponential":
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hp.gamma)
+        else:  # onecycle
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=hp.lr, total_steps=max(1, int(self.trainer.estimated_stepping_batches))
+            )
+            interval = "step"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    # --- checkpoints hold the structural edits ---------------------------------------------
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RECORDS_KEY] = [record.to_dict() for record in self.compression_records]
+        # The weights came from `init_from` already; a later load must not need that file.
+        if "hyper_parameters" in checkpoint and "init_from" in checkpoint["hyper_parameters"]:
+            checkpoint["hyper_parameters"]["init_from"] = None
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_architecture(checkpoint)
+        self._replay_missing_records(checkpoint.get(RECORDS_KEY, []))
+        _check_state_dict_shapes(self, checkpoint["state_dict"], source="checkpoint")
+
+    def _check_architecture(self, checkpoint: dict[str, Any]) -> None:
+        saved_arch = checkpoint.get("hyper_parameters", {}).get("arch")
+        own_arch = self.hparams.get("arch")
+        if isinstance(saved_arch, str) and isinstance(own_arch, str) and saved_arch != own_arch:
+            raise ValueError(
+                f"The checkpoint holds a {saved_arch!r} model but this ImageClassifier has `arch`={own_arch!r}: "
+                f"set `--model.arch {saved_arch}` or use a checkpoint of {own_arch!r}."
+            )
+
+    def _replay_missing_records(self, saved_records: list[dict[str, Any]]) -> None:
+        """Replays the records the model does not hold yet.
+
+        The model may already hold a prefix of them (`init_from`, or a test after fit in the
+        same process); any other difference cannot be undone and is an error.
+        """
+        saved = [as_record(record) for record in saved_records]
+        held = [record.to_dict() for record in self.compression_records]
+        if [record.to_dict() for record in saved[: len(held)]] != held:
+            raise ValueError(
+                f"The checkpoint's compression history ({len(saved)} records) does not start with the "
+                f"{len(held)} edits this model already holds; load it into a fresh model with "
+                "`ImageClassifier.load_from_checkpoint(path)`."
+            )
+        self.compression_records.extend(replay(self, saved[len(held) :]))
+
+    def _init_from_checkpoint(self, path: str) -> None:
+        if not Path(path).is_file():
+            raise ValueError(f"`init_from` must be an existing checkpoint file, got {path!r} (no such file).")
+        checkpoint = read_checkpoint(path)
+        self._check_architecture(checkpoint)
+        self._replay_missing_records(checkpoint.get(RECORDS_KEY, []))
+        model_state = {key: value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")}
+        _check_state_dict_shapes(self, model_state, source=f"`init_from` {path!r}")
+        self.load_state_dict(model_state, strict=False)
+        log.info("Initialized weights from %s (%d compression records).", path, len(self.compression_records))
+
+
+def _classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    # Paper 000 reports F1 next to top-1; top-5 only means something with more than 5 classes.
+    metrics: dict[str, Any] = {
+        "top1": MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro"),
+        "f1": MulticlassF1Score(num_classes=num_classes, average="macro"),
+    }
+    if num_classes > 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+def _check_state_dict_shapes(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Fails with the mismatching tensors named, instead of a `load_state_dict` stack trace."""
+    own = module.state_dict()
+    mismatches = [
+        f"{key}: {tuple(value.shape)} in {source} vs {tuple(own[key].shape)} here"
+        for key, value in state_dict.items()
+        if key in own and tuple(own[key].shape) != tuple(value.shape)
+    ]
+    if mismatches:
+        shown = "; ".join(mismatches[:5]) + (f"; ... ({len(mismatches)} in all)" if len(mismatches) > 5 else "")
+        raise ValueError(
+            f"The weights in {source} do not fit this model (another architecture, or compression "
+            f"records that were not saved?): {shown}."
+        )
+
+
+def _validate_hyperparameters(
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    label_smoothing: float,
+    lr_schedule: str,
+    milestones: Sequence[float],
+    gamma: float,
+) -> None:
+    if lr <= 0:
+        raise ValueError(f"`lr` must be > 0, got {lr!r}.")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+    if weight_decay < 0:
+        raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+    schedules = ("multistep", "cosine", "onecycle", "exponential", "constant")
+    if lr_schedule not in schedules:
+        raise ValueError(f"`lr_schedule` must be one of {schedules}, got {lr_schedule!r}.")
+    if any(not 0 < fraction < 1 for fraction in milestones):
+        raise ValueError(f"`milestones` must be fractions of max_epochs in (0, 1), got {list(milestones)!r}.")
+    if gamma <= 0:
+        raise ValueError(f"`gamma` must be > 0, got {gamma!r}.")

@@ -1,0 +1,181 @@
+"""ImageClassifier: training, schedules, and checkpoints that replay compression records."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from compresslight.checkpoint import load_compressed_checkpoint
+from compresslight.classifier import ImageClassifier
+from record_kinds import SplitLinearRecord
+
+TESTS_DIR = Path(__file__).parent
+INPUT_SHAPE = (3, 16, 16)
+
+
+def tiny_loaders(num_classes: int = 4, samples: int = 32) -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, num_classes, (samples,), generator=generator)
+    images = torch.randn(samples, *INPUT_SHAPE, generator=generator) + targets.view(-1, 1, 1, 1)
+    dataset = TensorDataset(images, targets)
+    return DataLoader(dataset, batch_size=8, shuffle=True), DataLoader(dataset, batch_size=8)
+
+
+def tiny_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    options = dict(
+        max_epochs=2, limit_train_batches=4, limit_val_batches=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def classifier(**kwargs) -> ImageClassifier:
+    options = dict(arch="resnet20", num_classes=4, input_shape=INPUT_SHAPE, lr=0.05)
+    options.update(kwargs)
+    return ImageClassifier(**options)
+
+
+@pytest.mark.parametrize("lr_schedule", ["multistep", "cosine", "onecycle", "exponential", "constant"])
+def test_fit_runs_and_schedule_moves_lr(tmp_path, lr_schedule):
+    model = classifier(lr_schedule=lr_schedule, milestones=(0.5,), gamma=0.5)
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(model, *tiny_loaders())
+    assert trainer.state.finished
+    for key in ("train/loss_epoch", "train/top1", "train/f1", "val/top1", "val/loss"):
+        assert key in trainer.callback_metrics, key
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    if lr_schedule == "constant":
+        assert lr == pytest.approx(0.05)
+    else:
+        assert lr != pytest.approx(0.05)
+
+
+def test_multistep_milestones_are_fractions_of_max_epochs(tmp_path):
+    model = classifier(milestones=(0.5, 0.75))
+    trainer = tiny_trainer(tmp_path, max_epochs=8)
+    model.trainer = trainer
+    scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert sorted(scheduler.milestones) == [4, 6]
+
+
+def test_top5_is_logged_only_with_more_than_five_classes(tmp_path):
+    model = classifier(num_classes=10)
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, *tiny_loaders(num_classes=10))
+    assert "val/top5" in trainer.callback_metrics
+    assert set(classifier(num_classes=4).val_metrics.keys(keep_base=False)) == {"val/top1", "val/f1"}
+
+
+def split_head(model: ImageClassifier, width: int = 5) -> None:
+    record = SplitLinearRecord(layer="fc", width=width, target="model")
+    record.apply(model.model)
+    model.compression_records.append(record)
+
+
+def test_checkpoint_replays_records_in_a_new_process(tmp_path):
+    model = classifier()
+    split_head(model)
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, *tiny_loaders())
+    path = tmp_path / "compressed.ckpt"
+    trainer.save_checkpoint(path)
+    inputs = torch.randn(2, *INPUT_SHAPE)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    expected = model.eval()(inputs)
+    torch.save(expected, tmp_path / "expected.pt")
+
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(TESTS_DIR)!r})
+        import record_kinds  # a user-defined record kind must be importable
+        from compresslight.classifier import ImageClassifier
+        model = ImageClassifier.load_from_checkpoint({str(path)!r}).eval()
+        assert model.model.fc[0].out_features == 5, model.model.fc
+        outputs = model(torch.load({str(tmp_path / "inputs.pt")!r}))
+        torch.testing.assert_close(outputs, torch.load({str(tmp_path / "expected.pt")!r}))
+        print("OK", len(model.compression_records))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "OK 1" in result.stdout
+
+
+def test_load_compressed_checkpoint_helper_and_prefix_replay(tmp_path):
+    model = classifier()
+    split_head(model)
+    path = tmp_path / "model.ckpt"
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, *tiny_loaders())
+    trainer.save_checkpoint(path)
+    fresh = load_compressed_checkpoint(classifier(), path)
+    assert isinstance(fresh.model.fc, torch.nn.Sequential)
+    # A model that already holds the record (test after fit, same process) is not edited twice.
+    model.on_load_checkpoint(torch.load(path, weights_only=False))
+    assert len(model.compression_records) == 1
+
+
+def test_checkpoint_with_other_history_is_refused(tmp_path):
+    model = classifier()
+    split_head(model, width=5)
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, *tiny_loaders())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    other = classifier()
+    split_head(other, width=7)
+    with pytest.raises(ValueError, match="does not start with"):
+        other.on_load_checkpoint(torch.load(tmp_path / "a.ckpt", weights_only=False))
+
+
+def test_checkpoint_from_another_architecture_fails_clearly(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(classifier(), *tiny_loaders())
+    trainer.save_checkpoint(tmp_path / "resnet20.ckpt")
+    with pytest.raises(ValueError, match="holds a 'resnet20' model but this ImageClassifier has `arch`='resnet56'"):
+        classifier(arch="resnet56").on_load_checkpoint(torch.load(tmp_path / "resnet20.ckpt", weights_only=False))
+    with pytest.raises(ValueError, match="holds a 'resnet20' model"):
+        classifier(arch="resnet56", init_from=str(tmp_path / "resnet20.ckpt"))
+
+
+def test_init_from_copies_weights_and_records(tmp_path):
+    source = classifier()
+    split_head(source)
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(source, *tiny_loaders())
+    trainer.save_checkpoint(tmp_path / "baseline.ckpt")
+    model = classifier(init_from=str(tmp_path / "baseline.ckpt"))
+    assert len(model.compression_records) == 1
+    for (name, a), b in zip(source.model.state_dict().items(), model.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    # The new run's checkpoints must not depend on the baseline file any more.
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, *tiny_loaders())
+    trainer.save_checkpoint(tmp_path / "finetuned.ckpt")
+    (tmp_path / "baseline.ckpt").unlink()
+    reloaded = ImageClassifier.load_from_checkpoint(tmp_path / "finetuned.ckpt")
+    assert reloaded.hparams.init_from is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(arch="resnet21"), r"`arch` must be one of \[.*'resnet20'.*\], got 'resnet21'"),
+        (dict(lr=0.0), r"`lr` must be > 0, got 0.0"),
+        (dict(momentum=1.0), r"`momentum` must be in \[0, 1\), got 1.0"),
+        (dict(label_smoothing=-0.1), r"`label_smoothing` must be in \[0, 1\)"),
+        (dict(lr_schedule="linear"), r"`lr_schedule` must be one of"),
+        (dict(milestones=(0.5, 1.5)), r"`milestones` must be fractions of max_epochs in \(0, 1\)"),
+        (dict(input_shape=(32, 32)), r"`input_shape` must be \(channels, height, width\)"),
+        (dict(init_from="missing.ckpt"), r"`init_from` must be an existing checkpoint file, got 'missing.ckpt'"),
+    ],
+)
+def test_bad_arguments_fail_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        classifier(**kwargs)
