@@ -1,1 +1,3 @@
 """Plain `nn.Module` architectures, one family per file; importing registers them."""
+
+from compresslight.models import alexnet, resnet, vgg  # noqa: F401  (registers the entrypoints)
