@@ -13,13 +13,13 @@ Every callback that changes a model's structure (pruning, Tucker, LC) derives fr
 4. logs params, MACs and per-layer channels before/after to every logger and to
    `compression_log.jsonl` in the run's log dir, and tells `ProfileCallback`s about the edit.
 
-On resume (`fit(ckpt_path=...)`) Lightning calls callbacks' `setup` before it restores the
-module, so `setup` replays this callback's records from the checkpoint onto a module that does
-not keep records itself, before the weights load.
+On resume (`fit(ckpt_path=...)`) the records in the checkpoint are replayed before the weights
+load, on any LightningModule (see `_RestoreGuard`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -35,8 +35,9 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
-from compresslight.checkpoint import EDIT_INDEX_KEY, callback_records, read_checkpoint
+from compresslight.checkpoint import EDIT_INDEX_KEY, callback_records
 from compresslight.compression.record import CompressionRecord, as_record, replay
+from compresslight.profiling.counting import count_macs
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +86,12 @@ class StructuralCompressionCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.target_module(pl_module)  # fail early on a bad module_path
-        if trainer.ckpt_path is None:
-            return
-        checkpoint = read_checkpoint(trainer.ckpt_path)
-        self.records = list(checkpoint.get("callbacks", {}).get(self.state_key, {}).get("records", []))
-        setattr(pl_module, _EDIT_COUNT_ATTR, len(callback_records(checkpoint)))
-        if not _keeps_records(pl_module) and getattr(pl_module, _REPLAYED_ATTR, None) != trainer.ckpt_path:
-            # Lightning restores the weights after every callback's `setup`: give them the
-            # compressed architecture they were saved from. The first compression callback
-            # replays every callback's records, in the order they were made.
-            replay(pl_module, callback_records(checkpoint))
-            setattr(pl_module, _REPLAYED_ATTR, trainer.ckpt_path)
+        _RestoreGuard.install(pl_module)
 
-    def resumed_with_records(self) -> bool:
-        """True when the run resumed from a checkpoint in which this callback had acted."""
-        return bool(self.records)
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Any checkpoint restore has happened by now: the pre-edit copies are not needed.
+        _RestoreGuard.install(pl_module).snapshots.clear()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -132,6 +124,10 @@ class StructuralCompressionCallback(Callback):
         inputs = example_inputs if example_inputs is not None else find_example_inputs(trainer, pl_module)
         before = _structure_summary(target, inputs)
         optimizer_snapshot = OptimizerSnapshot.take(trainer, pl_module) if trainer.optimizers else None
+        if optimizer_snapshot is None:
+            # An edit before training (in `setup`) may have to be undone if Lightning then
+            # restores a checkpoint: keep a copy of the module as it was.
+            _RestoreGuard.install(pl_module).snapshot(path, target)
 
         record_dict: dict[str, Any] | None = None
         failure: str | None = None
@@ -204,10 +200,72 @@ class StructuralCompressionCallback(Callback):
         )
 
 
-# Plain attributes on the LightningModule: how many edits it has had (orders records of several
-# callbacks) and which checkpoint's records were replayed onto it already.
+# A plain attribute on the LightningModule: how many edits it has had (orders the records of
+# several callbacks).
 _EDIT_COUNT_ATTR = "_compresslight_edit_count"
-_REPLAYED_ATTR = "_compresslight_replayed_checkpoint"
+
+
+class _RestoreGuard:
+    """Runs before a LightningModule's `on_load_checkpoint` when Lightning restores a checkpoint.
+
+    On `fit(ckpt_path=...)`, Lightning 2.6 calls callbacks' `setup` *before* it knows the
+    checkpoint (`trainer.ckpt_path` is still None there) and restores the module right after:
+    its `on_load_checkpoint`, then the weights. The module's `on_load_checkpoint` is the last
+    point before the weights load, so the guard wraps it (an instance attribute; the class is
+    untouched) to:
+
+    1. undo edits made in `setup` in this process (one-shot compression): the checkpoint's
+       records say what the model must be;
+    2. on modules that do not keep records themselves, replay every compression callback's
+       records from the checkpoint, in the order they were made;
+    3. call the module's own `on_load_checkpoint` (`ImageClassifier` replays its records there).
+    """
+
+    ATTR = "_compresslight_restore_guard"
+
+    def __init__(self, pl_module: pl.LightningModule) -> None:
+        self.pl_module = pl_module
+        self.original_hook = pl_module.on_load_checkpoint
+        self.snapshots: dict[str, dict[str, Any]] = {}  # target path -> its state before the first setup edit
+        self.records_before_setup = len(pl_module.compression_records) if _keeps_records(pl_module) else 0
+
+    @classmethod
+    def install(cls, pl_module: pl.LightningModule) -> _RestoreGuard:
+        guard = pl_module.__dict__.get(cls.ATTR)
+        if guard is None:
+            guard = cls(pl_module)
+            pl_module.__dict__[cls.ATTR] = guard
+            pl_module.on_load_checkpoint = guard
+        return guard
+
+    def snapshot(self, path: str, target: nn.Module) -> None:
+        """Keeps a copy of `target`'s structure and weights, once per path."""
+        if path in self.snapshots:
+            return
+        # A LightningModule's own attributes hold the Trainer: copy only what edits change.
+        keys = ("_modules", "_parameters", "_buffers") if isinstance(target, pl.LightningModule) else target.__dict__
+        self.snapshots[path] = copy.deepcopy({key: target.__dict__[key] for key in keys})
+
+    def __call__(self, checkpoint: dict[str, Any]) -> Any:
+        module = self.pl_module
+        saved = callback_records(checkpoint)
+        for path, snapshot in self.snapshots.items():
+            # Same object, the structure and weights it had before the setup edit.
+            module.get_submodule(path).__dict__.update(snapshot)
+            if not any(record.get("target") == path for record in saved):
+                log.warning(
+                    "Resuming from a checkpoint in which no compression callback had edited %r: the one-shot "
+                    "compression is not applied. To compress a trained model, start a new fit from its weights "
+                    "(`--model.init_from`), not `--ckpt_path`.",
+                    path or type(module).__name__,
+                )
+        if self.snapshots and _keeps_records(module):
+            del module.compression_records[self.records_before_setup :]
+        self.snapshots.clear()
+        if not _keeps_records(module):
+            replay(module, saved)
+        setattr(module, _EDIT_COUNT_ATTR, len(saved))
+        return self.original_hook(checkpoint)
 
 
 def _keeps_records(pl_module: pl.LightningModule) -> bool:
@@ -238,18 +296,18 @@ def find_example_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> t
 
 
 def _structure_summary(module: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
-    from compresslight.profiling import count_macs
-
     channels = {
         name: (layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features)
         for name, layer in module.named_modules()
         if isinstance(layer, (nn.Conv2d, nn.Linear))
     }
-    return {
-        "params": sum(p.numel() for p in module.parameters()),
-        "macs": count_macs(module, example_inputs[:1]),
-        "channels": channels,
-    }
+    was_training = module.training
+    module.eval()  # a forward in train mode would move BatchNorm's running statistics
+    try:
+        macs = count_macs(module, example_inputs[:1])[0]
+    finally:
+        module.train(was_training)
+    return {"params": sum(p.numel() for p in module.parameters()), "macs": macs, "channels": channels}
 
 
 # --- the one optimizer-rebuild helper --------------------------------------------------------

@@ -2,4 +2,7 @@
 
 from compresslight.compression.record import CompressionRecord, register_record, replay
 
+# Modules defining record kinds: importing them lets `CompressionRecord.from_dict` find them.
+from compresslight.compression import pruning  # noqa: E402,F401  isort: skip
+
 __all__ = ["CompressionRecord", "register_record", "replay"]

@@ -1,0 +1,312 @@
+"""`ProfileCallback`: profile the model before training and after, and report what compression bought.
+
+At `on_fit_start` it profiles the LightningModule as it is (the baseline, before any compression
+scheduled later), at `on_fit_end` again, and, with `after_compression=True`, whenever a
+compression callback calls `on_compression`. Each time it writes `profile.json`, `profile.md`
+and (once there is a comparison) `profile.png` into the run's log dir, and logs scalars to every
+logger. The heavy lifting is `compresslight.profiling` (`profile`, `compare`, `write_report`).
+
+Logged keys (`{setting}` is `bs{B}_t{T}_{backend}`, e.g. `bs1_t2_torch`, `bs32_t1_onnxruntime`;
+when several devices are profiled it ends in `_{device}`, e.g. `bs1_t1_torch_cuda0`):
+
+| key | value |
+|---|---|
+| `profile/params` | parameters |
+| `profile/params_bytes` | parameter bytes |
+| `profile/macs` | forward MACs at batch size 1 |
+| `profile/flops` | forward FLOPs at batch size 1 (2 x MACs) |
+| `profile/memory_estimate_bytes/{inference,train}/bs{B}` | estimated total memory |
+| `profile/memory_measured_bytes/{inference,train}/bs{B}` | measured peak (where the platform allows) |
+| `profile/inference_latency_ms/{setting}` | median inference latency |
+| `profile/train_latency_ms/{setting}` | median train-step latency (torch only) |
+| `profile/inference_images_per_s/{setting}`, `profile/train_images_per_s/{setting}` | throughput |
+| `profile/params_compression` | parameter bytes, baseline / now |
+| `profile/memory_compression/bs{B}` | estimated train-step memory, baseline / now |
+| `profile/theoretical_speedup` | FLOPs, baseline / now |
+| `profile/observed_speedup/{inference,train}/{setting}` | median latency, baseline / now |
+| `profile/observed_over_theoretical/{inference,train}/{setting}` | observed / theoretical |
+
+The comparison keys appear once there is something to compare (at fit end and after a
+compression event). The memory keys carry a device suffix like the settings when several
+devices are profiled. Values are logged at `trainer.global_step`; with a `WandbLogger` the
+callback also logs `profile/table` (a table of every measurement) and `profile/plot` (the
+observed vs theoretical speedup plot).
+
+Under DDP only global rank 0 profiles; the others skip, and nothing here is a collective
+(the log dir, whose lookup broadcasts, is resolved in `setup`, which every rank runs).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import WandbLogger
+from typing_extensions import override
+
+from compresslight.profiling import (
+    ModelProfile,
+    SpeedupReport,
+    compare_matching,
+    profile_settings,
+    resolve_device,
+    write_report,
+)
+from compresslight.profiling.backends import validate_backends
+from compresslight.profiling.report import PLOT_NAME
+
+log = logging.getLogger(__name__)
+
+
+class ProfileCallback(Callback):
+    """Profiles the model at fit start (baseline) and fit end, and reports the speedup.
+
+    Args:
+        batch_sizes: batch sizes to measure memory and latency at.
+        devices: devices to profile on; None: the trainer's device.
+        threads: CPU thread counts to profile with, e.g. [1, 2] for single- and multi-thread
+            as in paper 000; an int for one; None keeps the current setting.
+        warmup: untimed calls before timing.
+        iters: timed calls (the median is reported).
+        backends: "torch" and/or "onnxruntime".
+        input_shape: one input without the batch dimension; None takes
+            `trainer.datamodule.input_shape`, else the shape of `pl_module.example_input_array`.
+        on_fit_start: profile the baseline when fitting starts.
+        on_fit_end: profile again when fitting ends and compare with the baseline.
+        after_compression: profile again whenever a compression callback calls `on_compression`.
+        output_dir: where to write profile.json/.md/.png; None: `trainer.log_dir`.
+
+    Raises:
+        ValueError: for a batch size <= 0, an unknown backend, a device that does not exist
+            here, a thread count < 1, `warmup` < 0, `iters` < 1 or an invalid `input_shape`.
+    """
+
+    def __init__(
+        self,
+        batch_sizes: Sequence[int] = (1,),
+        devices: Sequence[str] | str | None = None,
+        threads: Sequence[int] | int | None = None,
+        warmup: int = 5,
+        iters: int = 50,
+        backends: Sequence[str] = ("torch",),
+        input_shape: Sequence[int] | None = None,
+        on_fit_start: bool = True,
+        on_fit_end: bool = True,
+        after_compression: bool = False,
+        output_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        batch_sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
+        if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in batch_sizes):
+            raise ValueError(f"`batch_sizes` must be a non-empty list of ints > 0, got {batch_sizes!r}.")
+        if isinstance(devices, (str, torch.device)):
+            devices = [devices]
+        self.devices = None if devices is None else [str(resolve_device(d)) for d in devices]
+        thread_list = [threads] if threads is None or isinstance(threads, int) else list(threads)
+        if not thread_list or any(
+            t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1) for t in thread_list
+        ):
+            raise ValueError(f"`threads` must be an int >= 1, a list of them, or None, got {threads!r}.")
+        if isinstance(backends, str):
+            backends = [backends]
+        validate_backends(backends)
+        for device in self.devices or ():
+            validate_backends(backends, torch.device(device))
+        if warmup < 0:
+            raise ValueError(f"`warmup` must be >= 0, got {warmup!r}.")
+        if iters < 1:
+            raise ValueError(f"`iters` must be >= 1, got {iters!r}.")
+        if input_shape is not None and (
+            not list(input_shape)
+            or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in input_shape)
+        ):
+            raise ValueError(
+                f"`input_shape` must be positive ints without the batch dimension, e.g. (3, 32, 32), got {input_shape!r}."
+            )
+        self.batch_sizes = batch_sizes
+        self.threads = thread_list
+        self.warmup = warmup
+        self.iters = iters
+        self.backends = list(dict.fromkeys(backends))
+        self.input_shape = None if input_shape is None else list(input_shape)
+        self.profile_on_fit_start = on_fit_start
+        self.profile_on_fit_end = on_fit_end
+        self.after_compression = after_compression
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.baseline: list[ModelProfile] = []
+        self.latest: list[ModelProfile] = []
+        self.reports: list[SpeedupReport] = []
+        self._log_dir: Path | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            batch_sizes=self.batch_sizes, devices=self.devices, threads=self.threads, backends=self.backends
+        )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # `trainer.log_dir` broadcasts under DDP: resolve it here, where every rank runs, so the
+        # rank-0-only hooks below never call a collective alone.
+        self._log_dir = self.output_dir if self.output_dir is not None else Path(trainer.log_dir or ".")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.profile_on_fit_start or not trainer.is_global_zero:
+            return
+        if self.baseline:
+            log.info("ProfileCallback: keeping the baseline profile restored from the checkpoint.")
+            return
+        self.baseline = self._profile(trainer, pl_module, name="baseline")
+        self._log_metrics(trainer, self.baseline, [])
+        self._write(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.profile_on_fit_end or not trainer.is_global_zero:
+            return
+        self._profile_and_compare(trainer, pl_module, name="after fit")
+
+    def on_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-profiles after a compression callback edited the model (if `after_compression`).
+
+        Compression callbacks call this on every `ProfileCallback` in `trainer.callbacks` after
+        each structural edit, on every rank; only global rank 0 acts.
+        """
+        if not self.after_compression or not trainer.is_global_zero:
+            return
+        self._profile_and_compare(
+            trainer, pl_module, name=f"after compression (epoch {trainer.current_epoch}, step {trainer.global_step})"
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # The baseline survives a resume, so a resumed (already compressed) run still compares
+        # against the original model rather than against itself.
+        return {"baseline": [p.to_dict() for p in self.baseline]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.baseline = [ModelProfile.from_dict(p) for p in state_dict.get("baseline", [])]
+
+    def _profile_and_compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
+        self.latest = self._profile(trainer, pl_module, name=name)
+        # A run resumed on another machine has a baseline from elsewhere: compare anyway, with
+        # the warning `compare` emits and the differences written into the report.
+        self.reports = compare_matching(self.baseline, self.latest, allow_environment_mismatch=True)
+        self._log_metrics(trainer, self.latest, self.reports)
+        self._write(trainer, pl_module)
+
+    def _profile(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> list[ModelProfile]:
+        devices = self.devices or [str(trainer.strategy.root_device)]
+        return profile_settings(
+            pl_module,
+            self._resolve_input_shape(trainer, pl_module),
+            devices=devices,
+            threads=self.threads,
+            batch_sizes=self.batch_sizes,
+            warmup=self.warmup,
+            iters=self.iters,
+            backends=self.backends,
+            train=not _has_synced_batch_norm(trainer, pl_module),
+            name=name,
+        )
+
+    def _resolve_input_shape(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[int]:
+        if self.input_shape is not None:
+            return self.input_shape
+        datamodule_shape = getattr(trainer.datamodule, "input_shape", None)
+        if datamodule_shape is not None:
+            return list(datamodule_shape)
+        example = pl_module.example_input_array
+        if isinstance(example, (tuple, list)) and example:
+            example = example[0]
+        if isinstance(example, torch.Tensor):
+            return list(example.shape[1:])
+        raise ValueError(
+            "ProfileCallback needs an input shape: pass `input_shape=(C, H, W)`, or use a datamodule with an "
+            "`input_shape` attribute, or set `example_input_array` on the LightningModule; found none."
+        )
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out_dir = self._log_dir if self._log_dir is not None else Path(self.output_dir or trainer.default_root_dir)
+        markdown = write_report(
+            out_dir, self.baseline, self.latest, self.reports, title=f"Profile of {type(pl_module).__name__}"
+        )
+        log.info("ProfileCallback wrote %s.\n%s", out_dir / "profile.md", markdown)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                columns, rows = _table(self.baseline, self.latest)
+                logger.log_table(key="profile/table", columns=columns, data=rows)
+                plot = out_dir / PLOT_NAME
+                if self.reports and plot.is_file():
+                    logger.log_image(key="profile/plot", images=[str(plot)])
+
+    def _log_metrics(self, trainer: pl.Trainer, profiles: list[ModelProfile], reports: list[SpeedupReport]) -> None:
+        multi_device = len({p.environment.device for p in profiles}) > 1
+        metrics: dict[str, float] = {}
+        for p in profiles:
+            device_suffix = "_" + p.environment.device.replace(":", "") if multi_device else ""
+            metrics["profile/params"] = p.params.total
+            metrics["profile/params_bytes"] = p.params.bytes
+            metrics["profile/macs"] = p.macs
+            metrics["profile/flops"] = p.flops
+            for m in p.memory:
+                for mode, estimate, measured in (
+                    ("inference", m.inference_total_bytes, m.measured_inference_peak_bytes),
+                    ("train", m.train_total_bytes, m.measured_train_peak_bytes),
+                ):
+                    if estimate is not None:
+                        metrics[f"profile/memory_estimate_bytes/{mode}/bs{m.batch_size}{device_suffix}"] = estimate
+                    if measured is not None:
+                        metrics[f"profile/memory_measured_bytes/{mode}/bs{m.batch_size}{device_suffix}"] = measured
+            for e in p.latency:
+                setting = f"bs{e.batch_size}_t{p.environment.threads}_{e.backend}{device_suffix}"
+                metrics[f"profile/{e.mode}_latency_ms/{setting}"] = e.median_ms
+                metrics[f"profile/{e.mode}_images_per_s/{setting}"] = e.images_per_s
+        for r in reports:
+            profile = next(p for p in profiles if p.environment.label == r.setting)
+            device_suffix = "_" + profile.environment.device.replace(":", "") if multi_device else ""
+            metrics["profile/params_compression"] = r.params_compression
+            metrics["profile/theoretical_speedup"] = r.theoretical_speedup
+            for m in r.memory_compression:
+                metrics[f"profile/memory_compression/bs{m.batch_size}"] = m.train if m.train is not None else m.inference
+            for s in r.speedups:
+                setting = f"bs{s.batch_size}_t{profile.environment.threads}_{s.backend}{device_suffix}"
+                metrics[f"profile/observed_speedup/{s.mode}/{setting}"] = s.observed
+                metrics[f"profile/observed_over_theoretical/{s.mode}/{setting}"] = s.observed_over_theoretical
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+
+
+def _has_synced_batch_norm(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    # A train-mode SyncBatchNorm all-reduces its statistics: on rank 0 alone that would hang.
+    synced = trainer.world_size > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules())
+    if synced:
+        log.warning("ProfileCallback: SyncBatchNorm under DDP; profiling inference only (a train step would hang).")
+    return synced
+
+
+def _table(baseline: list[ModelProfile], latest: list[ModelProfile]) -> tuple[list[str], list[list[Any]]]:
+    columns = [
+        "model", "setting", "backend", "mode", "batch_size", "median_ms", "min_ms", "max_ms",
+        "images_per_s", "params", "macs",
+    ]  # fmt: skip
+    rows = [
+        [
+            p.name, p.environment.label, e.backend, e.mode, e.batch_size, e.median_ms,
+            e.stats.min_s * 1e3, e.stats.max_s * 1e3, e.images_per_s, p.params.total, p.macs,
+        ]  # fmt: skip
+        for p in (*baseline, *latest)
+        for e in p.latency
+    ]
+    return columns, rows
+
+
+__all__ = ["ProfileCallback"]

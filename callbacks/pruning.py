@@ -1,0 +1,278 @@
+"""`PruningCallback`: structured filter pruning that really removes channels, on a schedule.
+
+Schedules (all expressible in YAML):
+
+- one-shot (`epochs: [0]`, the default): applied in `setup`, before optimizers and DDP exist —
+  papers 000/002's "compress a trained baseline (`--model.init_from`), then fine-tune";
+- iterative at a list of epochs with cumulative targets (`epochs: [2, 4, 6]`,
+  `targets: [0.1, 0.2, 0.25]`, fractions of the original channels removed by each step);
+- Distiller-style (`start_epoch`, `end_epoch`, `frequency`, `ramp: constant | agp`): the target
+  rises to `amount` (or to each group's ratio) in equal steps ("constant") or along the cubic
+  automated-gradual-pruning ramp of Zhu & Gupta 2017 ("agp").
+
+`mode: unstructured` zeroes individual weights by magnitude instead (what Lightning's
+`ModelPruning` does): masks are kept through training and made permanent at the end. It is
+there for comparison: it removes no channel, so the profile shows it buys no speed.
+
+The algorithm is `compresslight.compression.pruning`; the Trainer plumbing (optimizer rebuild,
+DDP, records in checkpoints, logging) is `StructuralCompressionCallback`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Any, Literal, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
+from compresslight.compression.pruning import (
+    make_pruning_permanent,
+    prunable_layers,
+    prune_filters,
+    prune_unstructured,
+    sparsity,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PruningCallback(StructuralCompressionCallback):
+    """Prunes filters (or weights) of the LightningModule's model at scheduled epochs.
+
+    Args:
+        amount: fraction of the channels of every prunable conv to remove, in [0, 1)
+            (paper 000: 0.125 or 0.25). The final target of a multi-step schedule.
+        ratios: layer-name glob pattern -> fraction, e.g. `{"layer1.*.conv1": 0.7}` (paper 002's
+            groups). Layers matching no pattern use `amount` (or are left alone if it is None).
+        norm: 1 or 2: the filter-norm ranking (paper 002: L1; paper 000: L2).
+        round_to: keep channel counts multiples of this (hardware-friendly widths).
+        ignored_layers: glob patterns of layers never pruned (the classifier's outputs never are).
+        epochs: epochs at whose start to prune; 0 means once in `setup`, before training.
+        targets: cumulative fraction of the final target reached at each of `epochs` (default:
+            the ramp), e.g. `[0.5, 1.0]`; multiplies `amount` and each ratio.
+        start_epoch: first pruning epoch of a Distiller-style schedule (instead of `epochs`).
+        end_epoch: last pruning epoch of that schedule.
+        frequency: epochs between its steps.
+        ramp: "constant" (equal increments) or "agp" (cubic, fast first) when `targets` is None.
+        mode: "structured" (remove channels) or "unstructured" (zero weights, for comparison).
+        module_path: the submodule to prune (see `StructuralCompressionCallback`).
+
+    Raises:
+        ValueError: for a ratio outside [0, 1), an unknown norm, ramp or mode, or an
+            inconsistent schedule.
+    """
+
+    def __init__(
+        self,
+        amount: float | None = None,
+        ratios: Mapping[str, float] | None = None,
+        norm: int = 2,
+        round_to: int | None = None,
+        ignored_layers: Sequence[str] = (),
+        epochs: Sequence[int] | None = None,
+        targets: Sequence[float] | None = None,
+        start_epoch: int | None = None,
+        end_epoch: int | None = None,
+        frequency: int = 1,
+        ramp: Literal["constant", "agp"] = "constant",
+        mode: Literal["structured", "unstructured"] = "structured",
+        module_path: str | None = None,
+    ) -> None:
+        super().__init__(module_path=module_path)
+        if amount is None and not ratios:
+            raise ValueError("PruningCallback needs `amount` or `ratios`, got neither.")
+        for name, ratio in {"amount": amount, **{f"ratios[{k!r}]": v for k, v in (ratios or {}).items()}}.items():
+            if ratio is not None and not 0 <= ratio < 1:
+                raise ValueError(f"`{name}` must be in [0, 1), got {ratio!r}.")
+        if norm not in (1, 2):
+            raise ValueError(f"`norm` must be 1 or 2, got {norm!r}.")
+        if mode not in ("structured", "unstructured"):
+            raise ValueError(f"`mode` must be 'structured' or 'unstructured', got {mode!r}.")
+        if mode == "unstructured" and ratios:
+            raise ValueError("`ratios` (per-group structured pruning) cannot be used with `mode`='unstructured'.")
+        self.amount = amount
+        self.ratios = dict(ratios or {})
+        self.norm = norm
+        self.round_to = round_to
+        self.ignored_layers = list(ignored_layers)
+        self.mode = mode
+        self.epochs = _schedule_epochs(epochs, start_epoch, end_epoch, frequency)
+        self.targets = _schedule_targets(self.epochs, targets, ramp)
+        self.completed_epochs: list[int] = []
+        # Prunable layer -> (original width, final ratio), fixed at the first step.
+        self.original_channels: dict[str, tuple[int, float]] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(module_path=self.module_path, amount=self.amount, ratios=self.ratios)
+
+    # --- schedule ----------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # On resume, a restored checkpoint replaces this edit with its own records (see
+        # `StructuralCompressionCallback`), and the restored state marks epoch 0 done.
+        if stage == "fit" and 0 in self.epochs and 0 not in self.completed_epochs:
+            self._prune(trainer, pl_module, 0)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch in self.epochs and epoch not in self.completed_epochs:
+            self._prune(trainer, pl_module, epoch)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode == "unstructured":
+            make_pruning_permanent(self.target_module(pl_module))
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        target = self.target_module(pl_module)
+        goal = self.targets[self.epochs.index(epoch)]
+        if self.mode == "unstructured":
+            prune_unstructured(target, amount=self.amount * goal)  # weight magnitude: the norm is moot
+            sparsity_now = sparsity(target)
+            for logger in trainer.loggers:
+                logger.log_metrics({"compression/sparsity": sparsity_now}, step=trainer.global_step)
+            log.info("Unstructured pruning at epoch %d: sparsity %.3f.", epoch, sparsity_now)
+        else:
+            inputs = find_example_inputs(trainer, pl_module)
+            if not self.original_channels:
+                self.original_channels = self._final_ratios(target, inputs)
+            ratios = self._step_ratios(target, goal)
+            if ratios:
+                self.apply_edit(
+                    trainer,
+                    pl_module,
+                    lambda module: prune_filters(
+                        module,
+                        ratios=ratios,
+                        norm=self.norm,
+                        round_to=self.round_to,
+                        ignored_layers=self.ignored_layers,
+                        example_inputs=inputs,
+                    ),
+                    example_inputs=inputs,
+                )
+        self.completed_epochs.append(epoch)
+
+    def _final_ratios(self, target: nn.Module, inputs: torch.Tensor) -> dict[str, tuple[int, float]]:
+        """Each prunable layer's original width and final ratio (last matching pattern wins,
+        then `amount`).
+
+        Raises:
+            ValueError: for a pattern that matches no prunable layer.
+        """
+        prunable = prunable_layers(target, inputs, self.ignored_layers)
+        for pattern in self.ratios:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in prunable):
+                raise ValueError(f"`ratios` pattern {pattern!r} matches no prunable layer; prunable layers: {prunable}.")
+        layers = dict(target.named_modules())
+        final = {}
+        for name in prunable:
+            ratio = self.amount or 0.0
+            for pattern, pattern_ratio in self.ratios.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    ratio = pattern_ratio
+            if ratio > 0:
+                layer = layers[name]
+                final[name] = (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels, ratio)
+        return final
+
+    def _step_ratios(self, target: nn.Module, goal: float) -> dict[str, float]:
+        """Per-layer fractions of the *current* channels that bring each layer to
+        `goal` x its final ratio of the *original* channels.
+
+        Counting against the original widths keeps a multi-step schedule from drifting by a
+        rounding error per step.
+        """
+        layers = dict(target.named_modules())
+        ratios = {}
+        for name, (original, final_ratio) in self.original_channels.items():
+            layer = layers[name]
+            current = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            keep = int(original * (1 - final_ratio * goal))  # torch-pruning's rounding
+            if keep < current:
+                # torch-pruning keeps int(current * (1 - ratio)) channels; the half channel
+                # makes that land on `keep` despite floating-point error.
+                ratios[name] = 1 - (keep + 0.5) / current
+        return ratios
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "completed_epochs": list(self.completed_epochs),
+            "original_channels": {name: list(value) for name, value in self.original_channels.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.completed_epochs = sorted(set(self.completed_epochs) | set(state_dict.get("completed_epochs", [])))
+        self.original_channels = {
+            name: (int(width), float(ratio)) for name, (width, ratio) in state_dict.get("original_channels", {}).items()
+        }
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.mode == "unstructured":
+            # Save plain weights (mask applied), loadable by a model without pruning hooks.
+            checkpoint["state_dict"] = _fold_pruning_masks(checkpoint["state_dict"])
+
+
+def _schedule_epochs(
+    epochs: Sequence[int] | None, start_epoch: int | None, end_epoch: int | None, frequency: int
+) -> list[int]:
+    if start_epoch is not None or end_epoch is not None:
+        if epochs is not None:
+            raise ValueError("Give either `epochs` or `start_epoch`/`end_epoch`, not both.")
+        if start_epoch is None or end_epoch is None or not 0 <= start_epoch <= end_epoch:
+            raise ValueError(
+                f"`start_epoch` and `end_epoch` must satisfy 0 <= start_epoch <= end_epoch, got {start_epoch!r} and {end_epoch!r}."
+            )
+        if frequency < 1:
+            raise ValueError(f"`frequency` must be >= 1, got {frequency!r}.")
+        return list(range(start_epoch, end_epoch + 1, frequency))
+    epochs = [0] if epochs is None else list(epochs)
+    if not epochs or any(e < 0 for e in epochs) or epochs != sorted(set(epochs)):
+        raise ValueError(f"`epochs` must be increasing epochs >= 0, got {epochs!r}.")
+    return epochs
+
+
+def _schedule_targets(epochs: list[int], targets: Sequence[float] | None, ramp: str) -> list[float]:
+    steps = len(epochs)
+    if targets is not None:
+        targets = list(targets)
+        if len(targets) != steps or any(not 0 < t <= 1 for t in targets) or targets != sorted(targets):
+            raise ValueError(
+                f"`targets` must be {steps} increasing fractions in (0, 1], one per pruning epoch {epochs}, got {targets!r}."
+            )
+        return targets
+    if ramp == "constant":
+        return [(step + 1) / steps for step in range(steps)]
+    if ramp == "agp":
+        return [1 - (1 - (step + 1) / steps) ** 3 for step in range(steps)]
+    raise ValueError(f"`ramp` must be 'constant' or 'agp', got {ramp!r}.")
+
+
+def _fold_pruning_masks(state_dict: dict[str, Any]) -> dict[str, Any]:
+    folded = {}
+    for key, value in state_dict.items():
+        if key.endswith("_mask"):
+            continue
+        if key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state_dict:
+            base = key[: -len("_orig")]
+            folded[base] = value * state_dict[base + "_mask"]
+        else:
+            folded[key] = value
+    return folded
