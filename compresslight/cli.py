@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 from netrc import netrc
-from pathlib import Path
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -85,13 +84,13 @@ def _extra_commands() -> dict[str, Callable[[list[str]], None]]:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python cli.py` and the `compresslight` console script."""
-    args = list(sys.argv[1:] if args is None else args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command_line = list(sys.argv[1:] if args is None else args)
     extra = _extra_commands()
-    if args and args[0] in extra:
-        extra[args[0]](args[1:])
+    if command_line and command_line[0] in extra:
+        extra[command_line[0]](command_line[1:])
         return
-    CompressLightCLI(args=args)
+    CompressLightCLI(args=args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

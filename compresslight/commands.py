@@ -1,0 +1,167 @@
+"""The compresslight commands beside Lightning's fit/validate/test/predict.
+
+Each builds the model and datamodule from a fit config (`--config X.yaml` plus any fit
+overrides), optionally loads a checkpoint (replaying its compression records), and then
+measures instead of training. Options of the command itself come first or anywhere; every
+argument the command does not know is passed on to the config parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _parse(parser: argparse.ArgumentParser, args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    options, config_args = parser.parse_known_args(args)
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in config_args):
+        parser.error("a fit config is required: --config configs/X.yaml")
+    return options, config_args
+
+
+def _model_from_config(config_args: list[str], ckpt_path: str | None) -> tuple[nn.Module, Any]:
+    from compresslight.checkpoint import load_compressed_checkpoint
+    from compresslight.cli import build_from_config
+
+    model, datamodule, _ = build_from_config(config_args)
+    if ckpt_path is not None:
+        load_compressed_checkpoint(model, ckpt_path)
+    return model.eval(), datamodule
+
+
+def profile_command(args: list[str]) -> None:
+    """`cli.py profile --config X.yaml [--ckpt_path c.ckpt] [--baseline b.ckpt]`: profile without training."""
+    from compresslight.profiling.report import profile_and_report
+
+    parser = argparse.ArgumentParser(prog="cli.py profile", description=profile_command.__doc__)
+    parser.add_argument("--ckpt_path", help="checkpoint to profile (compression records are replayed)")
+    parser.add_argument("--baseline", help="checkpoint (or 'init' for the config's model as built) to compare against")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--threads", type=int, nargs="+", default=None)
+    parser.add_argument("--devices", nargs="+", default=["cpu"])
+    parser.add_argument("--backends", nargs="+", default=["torch"])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--no_train", action="store_true", help="measure inference only")
+    parser.add_argument("--output_dir", default=None, help="where to write profile.json/.md/.png")
+    options, config_args = _parse(parser, args)
+
+    model, datamodule = _model_from_config(config_args, options.ckpt_path)
+    baseline = None
+    if options.baseline is not None:
+        baseline, _ = _model_from_config(config_args, None if options.baseline == "init" else options.baseline)
+    markdown = profile_and_report(
+        model,
+        datamodule.input_shape,
+        baseline_model=baseline,
+        out_dir=options.output_dir,
+        devices=options.devices,
+        threads=options.threads,
+        name=Path(options.ckpt_path).stem if options.ckpt_path else "model",
+        baseline_name=Path(options.baseline).stem if options.baseline else "baseline",
+        batch_sizes=options.batch_sizes,
+        backends=options.backends,
+        warmup=options.warmup,
+        iters=options.iters,
+        train=not options.no_train,
+    )
+    print(markdown)
+
+
+def evaluate_top1(model: nn.Module, datamodule: Any, limit_batches: int | None = None) -> float:
+    """Validation top-1 of `model` on the datamodule's validation loader (eval transform)."""
+    datamodule.setup("validate")
+    correct = total = 0
+    model.eval()
+    with torch.inference_mode():
+        for index, batch in enumerate(datamodule.val_dataloader()):
+            if limit_batches is not None and index >= limit_batches:
+                break
+            images, targets = datamodule.on_after_batch_transfer(batch, 0)
+            correct += (model(images).argmax(dim=-1) == targets).sum().item()
+            total += targets.numel()
+    return correct / max(total, 1)
+
+
+def sensitivity_command(args: list[str]) -> None:
+    """`cli.py sensitivity --config X.yaml --ckpt_path c.ckpt`: prune each layer alone, no retraining."""
+    from compresslight.compression.pruning import sensitivity_analysis
+
+    parser = argparse.ArgumentParser(prog="cli.py sensitivity", description=sensitivity_command.__doc__)
+    parser.add_argument("--ckpt_path", help="the trained model to analyse")
+    parser.add_argument("--layers", nargs="+", default=None, help="layer-name glob patterns (default: each group)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[round(0.1 * i, 1) for i in range(1, 10)])
+    parser.add_argument("--norm", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--limit_batches", type=int, default=None, help="validation batches per evaluation")
+    parser.add_argument("--output_dir", default="runs/sensitivity")
+    options, config_args = _parse(parser, args)
+
+    model, datamodule = _model_from_config(config_args, options.ckpt_path)
+    network = getattr(model, "model", model)
+    report = sensitivity_analysis(
+        network,
+        evaluate=lambda pruned: evaluate_top1(pruned, datamodule, options.limit_batches),
+        example_inputs=torch.zeros(1, *datamodule.input_shape),
+        layer_patterns=options.layers,
+        ratios=options.ratios,
+        norm=options.norm,
+        metric_name="val top-1",
+    )
+    out = Path(options.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity.json").write_text(json.dumps(report.to_dict(), indent=2))
+    markdown = report.to_markdown()
+    (out / "sensitivity.md").write_text(markdown)
+    try:
+        report.plot(out / "sensitivity.png")
+    except ImportError as error:
+        log.warning("%s No plot written.", error)
+    print(markdown)
+    print(f"\nWritten to {out}/sensitivity.{{json,md,png}}")
+
+
+def runtime_model_command(args: list[str]) -> None:
+    """`cli.py runtime-model --config X.yaml --output rm.json`: measure a per-layer runtime model."""
+    from compresslight.compression.runtime_model import RuntimeModel
+
+    parser = argparse.ArgumentParser(prog="cli.py runtime-model", description=runtime_model_command.__doc__)
+    parser.add_argument("--output", required=True, help="JSON file to write")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
+    parser.add_argument("--grid_points", type=int, default=8, help="ranks measured per layer")
+    parser.add_argument("--evaluate", type=int, default=0, help="random rank configurations to check the model on")
+    options, config_args = _parse(parser, args)
+
+    model, datamodule = _model_from_config(config_args, None)
+    network = getattr(model, "model", model)
+    runtime_model = RuntimeModel.build(
+        network,
+        torch.zeros(1, *datamodule.input_shape),
+        device=options.device,
+        backend=options.backend,
+        threads=options.threads,
+        batch_size=options.batch_size,
+        grid_points=options.grid_points,
+        statistic="min",
+    )
+    runtime_model.save(options.output)
+    print(f"Runtime model written to {options.output}")
+    if options.evaluate:
+        print(json.dumps(runtime_model.evaluate(network, n_samples=options.evaluate), indent=2, default=str))
+
+
+def sweep_command(args: list[str]) -> None:
+    """`cli.py sweep --config configs/sweeps/X.yaml`: search compression parameters (paper 002)."""
+    from compresslight.sweep import sweep_command as run_sweep
+
+    run_sweep(args)
