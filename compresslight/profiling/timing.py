@@ -7,10 +7,11 @@ noisy it was (min, max).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -69,3 +70,29 @@ def measure_latency(
         synchronize(device)
         times.append(time.perf_counter() - start)
     return LatencyStats(min_s=min(times), median_s=statistics.median(times), max_s=max(times), iters=iters)
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[int]:
+    """Runs the body with `torch.set_num_threads(threads)`, restoring the previous count after.
+
+    Args:
+        threads: intra-op threads for the body; None keeps the current setting.
+
+    Yields:
+        The thread count in effect inside the body.
+
+    Raises:
+        ValueError: if `threads` < 1.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"`threads` must be an int >= 1 or None, got {threads!r}.")
+    previous = torch.get_num_threads()
+    if threads is None:
+        yield previous
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)

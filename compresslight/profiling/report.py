@@ -1,0 +1,259 @@
+"""Report writers: Markdown for one profile, and profile.json / profile.md / profile.png for a run.
+
+`write_report` is the one writer both `ProfileCallback` and `cli.py profile` use;
+`profile_and_report` is the entry point for the CLI: profile a model (and optionally its
+baseline) under every requested setting, write the files, return the Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from compresslight.profiling.compare import SpeedupReport, compare_matching, plot_speedups, speedup_markdown
+from compresslight.profiling.profiler import profile
+from compresslight.profiling.results import MODES, ModelProfile
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT_VERSION = 1
+JSON_NAME = "profile.json"
+MARKDOWN_NAME = "profile.md"
+PLOT_NAME = "profile.png"
+
+
+def profile_settings(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    devices: Sequence[str | torch.device] = ("cpu",),
+    threads: Sequence[int | None] = (None,),
+    **profile_kwargs: Any,
+) -> list[ModelProfile]:
+    """Profiles `model` once per (device, threads) setting, e.g. multi- and single-thread CPU.
+
+    Args:
+        model: the network.
+        input_shape: one input without the batch dimension.
+        devices: devices to profile on.
+        threads: thread counts to profile with (None: the current setting).
+        **profile_kwargs: the other arguments of `profile` (batch_sizes, warmup, iters, ...).
+
+    Raises:
+        ValueError: as `profile`.
+    """
+    return [
+        profile(model, input_shape, device=device, threads=count, **profile_kwargs)
+        for device in devices
+        for count in threads
+    ]
+
+
+def write_report(
+    out_dir: str | Path | None,
+    baselines: Sequence[ModelProfile],
+    current: Sequence[ModelProfile] = (),
+    reports: Sequence[SpeedupReport] = (),
+    title: str = "Profile",
+) -> str:
+    """Renders profiles and comparisons as Markdown and, given `out_dir`, writes the run's files.
+
+    Files: `profile.json` ({"baseline": [...], "current": [...], "comparisons": [...]}),
+    `profile.md` (the returned Markdown) and, when there is a comparison and matplotlib is
+    installed, `profile.png` (observed vs theoretical speedup).
+
+    Args:
+        out_dir: folder to write into (created); None writes nothing.
+        baselines: baseline profiles (one per setting).
+        current: profiles of the model now (compressed), if any.
+        reports: comparisons of `current` against `baselines`.
+        title: the Markdown's top heading.
+
+    Returns:
+        The Markdown.
+    """
+    sections = [f"# {title}", ""]
+    if reports:
+        sections += ["## Compression ratios and speedup", "", speedup_markdown(reports)]
+    for heading, profiles in (("Baseline", baselines), ("Current model", current)):
+        for model_profile in profiles:
+            sections += [f"## {heading}: {model_profile.name} on {model_profile.environment.label}", ""]
+            sections.append(profile_markdown(model_profile, max_layers=20))
+    markdown = "\n".join(sections)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format_version": REPORT_FORMAT_VERSION,
+            "baseline": [p.to_dict() for p in baselines],
+            "current": [p.to_dict() for p in current],
+            "comparisons": [r.to_dict() for r in reports],
+        }
+        (out / JSON_NAME).write_text(json.dumps(payload, indent=2))
+        (out / MARKDOWN_NAME).write_text(markdown)
+        if any(r.speedups for r in reports):
+            try:
+                plot_speedups(reports, out / PLOT_NAME)
+            except ImportError as error:
+                log.warning("%s Skipping %s.", error, PLOT_NAME)
+    return markdown
+
+
+def read_report(path: str | Path) -> tuple[list[ModelProfile], list[ModelProfile], list[SpeedupReport]]:
+    """Reads a `profile.json` written by `write_report` (a file or its folder).
+
+    Returns:
+        (baselines, current, comparisons).
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / JSON_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"`path` must be a {JSON_NAME} written by write_report (or its folder), got {str(path)!r}."
+        )
+    data = json.loads(path.read_text())
+    return (
+        [ModelProfile.from_dict(p) for p in data["baseline"]],
+        [ModelProfile.from_dict(p) for p in data["current"]],
+        [SpeedupReport.from_dict(r) for r in data["comparisons"]],
+    )
+
+
+def profile_and_report(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    baseline_model: nn.Module | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    baseline_profiles: Sequence[ModelProfile] | None = None,
+    devices: Sequence[str | torch.device] | str | torch.device = "cpu",
+    threads: Sequence[int | None] | int | None = None,
+    name: str = "model",
+    baseline_name: str = "baseline",
+    allow_environment_mismatch: bool = False,
+    **profile_kwargs: Any,
+) -> str:
+    """Profiles `model` (and its baseline) and writes profile.json/.md/.png: the `profile` CLI command.
+
+    Without a baseline, the model's profile is the report's baseline section. With
+    `baseline_model` (profiled here, with the same settings) or `baseline_profiles` (e.g. read
+    from an earlier run's profile.json with `read_report`), the report adds the comparison
+    table and plot.
+
+    Args:
+        model: the model to profile (e.g. a compressed checkpoint, records replayed).
+        input_shape: one input without the batch dimension, e.g. (3, 32, 32).
+        baseline_model: the uncompressed model to compare against.
+        out_dir: folder for the files; None writes nothing.
+        baseline_profiles: already measured baseline profiles (instead of `baseline_model`).
+        devices: one device or several (`device=` is accepted too).
+        threads: one thread count, several (e.g. [1, 2]: single and multi-thread), or None.
+        name: the model's label (the "Method" column).
+        baseline_name: the baseline's label.
+        allow_environment_mismatch: compare against `baseline_profiles` from another
+            environment anyway (the report carries a warning).
+        **profile_kwargs: the other arguments of `profile`: batch_sizes, warmup, iters,
+            backends, train, measure_memory.
+
+    Returns:
+        The Markdown written to profile.md.
+
+    Raises:
+        ValueError: as `profile`; if both `baseline_model` and `baseline_profiles` are given;
+            if the environments differ and `allow_environment_mismatch` is False.
+    """
+    if baseline_model is not None and baseline_profiles is not None:
+        raise ValueError("Pass `baseline_model` or `baseline_profiles`, not both.")
+    if "device" in profile_kwargs:  # `profile`'s spelling, for callers that forward its arguments
+        devices = profile_kwargs.pop("device")
+    device_list = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
+    thread_list = [threads] if threads is None or isinstance(threads, int) else list(threads)
+    settings = dict(devices=device_list, threads=thread_list, **profile_kwargs)
+    current = profile_settings(model, input_shape, name=name, **settings)
+    if baseline_model is not None:
+        baseline_profiles = profile_settings(baseline_model, input_shape, name=baseline_name, **settings)
+    if not baseline_profiles:
+        return write_report(out_dir, current)
+    reports = compare_matching(baseline_profiles, current, allow_environment_mismatch=allow_environment_mismatch)
+    return write_report(out_dir, baseline_profiles, current, reports)
+
+
+def profile_markdown(model_profile: ModelProfile, max_layers: int | None = None) -> str:
+    """Markdown tables for one profile: summary, memory, latency and the costliest layers."""
+    p = model_profile
+    env = p.environment
+    versions = ", ".join(f"{name} {version}" for name, version in env.backend_versions.items())
+    lines = [
+        f"Measured on `{env.hostname}`: {env.label}; {versions}; input {tuple(p.input_shape)}.",
+        "",
+        "| Parameters | Trainable | Parameter bytes | Buffer bytes | MACs (forward, batch 1) | FLOPs (2 x MACs) |",
+        "|---|---|---|---|---|---|",
+        f"| {p.params.total:,} | {p.params.trainable:,} | {_mib(p.params.bytes)} | {_mib(p.params.buffers_bytes)} "
+        f"| {_si(p.macs)} | {_si(p.flops)} |",
+        "",
+        f"MACs counted by {p.flop_counter}.",
+        "",
+        "Memory (MiB; estimate counts tensors, measured = parameters + buffers + input + peak allocated "
+        "during one step)",
+        "",
+        "| Batch size | Params + buffers | Input | Forward activations | Saved for backward | Gradients "
+        "| Inference estimate | Inference measured | Train estimate | Train measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in p.memory:
+        lines.append(
+            f"| {m.batch_size} | {_mib(m.params_bytes + m.buffers_bytes)} | {_mib(m.input_bytes)} "
+            f"| {_mib(m.forward_activations_bytes)} | {_mib(m.train_saved_bytes)} | {_mib(m.gradients_bytes)} "
+            f"| {_mib(m.inference_total_bytes)} | {_mib(m.measured_inference_peak_bytes)} "
+            f"| {_mib(m.train_total_bytes)} | {_mib(m.measured_train_peak_bytes)} |"
+        )
+    measured_with = {m.measured_with for m in p.memory if m.measured_with}
+    if measured_with:
+        lines += ["", f"Measured with {', '.join(sorted(measured_with))}."]
+    lines += [
+        "",
+        "Latency (ms per batch; median of timed calls after untimed warm-up)",
+        "",
+        "| Backend | Mode | Batch size | Median | Min | Max | Images/s | Warm-up / timed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = {mode: i for i, mode in enumerate(MODES)}
+    for e in sorted(p.latency, key=lambda e: (e.batch_size, order.get(e.mode, 9), e.backend)):
+        lines.append(
+            f"| {e.backend} | {e.mode} | {e.batch_size} | {e.stats.median_s * 1e3:.3f} | {e.stats.min_s * 1e3:.3f} "
+            f"| {e.stats.max_s * 1e3:.3f} | {e.images_per_s:,.1f} | {e.warmup} / {e.stats.iters} |"
+        )
+    layers = sorted(p.layers, key=lambda layer: layer.macs, reverse=True)
+    layers = [layer for layer in layers if layer.macs > 0][:max_layers] if max_layers else layers
+    shown = "costliest layers" if max_layers and len(layers) < len(p.layers) else "layers"
+    lines += [
+        "",
+        f"Per-layer MACs ({shown}; forward, batch 1; {_si(p.unattributed_macs)} MACs outside leaf modules)",
+        "",
+        "| Layer | Type | Params | MACs | Share | Output shape |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layer in layers:
+        share = f"{100 * layer.macs / p.macs:.1f}%" if p.macs else "–"
+        shape = "×".join(map(str, layer.output_shape)) if layer.output_shape else "–"
+        lines.append(f"| {layer.name} | {layer.type} | {layer.params:,} | {_si(layer.macs)} | {share} | {shape} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:.2f}"
+
+
+def _si(value: int) -> str:
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {suffix}"
+    return str(value)
