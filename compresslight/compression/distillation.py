@@ -1,0 +1,84 @@
+"""Knowledge distillation (Hinton et al. 2015, surveyed in paper 001).
+
+A student is trained on a mix of the usual cross-entropy with the labels and a term that pulls
+its softened class distribution toward a frozen teacher's:
+
+    loss = alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE(z_s, targets)
+    p_teacher = softmax(z_t / T),  p_student = softmax(z_s / T)
+
+The `T^2` factor keeps the soft term's gradient magnitude independent of the temperature.
+
+Notation: issue 7 writes the soft term as `KL(softmax(z_s/T) || softmax(z_t/T))`. The standard
+Hinton loss, implemented here, takes the teacher's distribution as the target, i.e.
+`sum p_teacher * (log p_teacher - log p_student)`, which is what `F.kl_div(log p_student,
+log p_teacher, log_target=True)` computes. Both directions are zero exactly when the two
+distributions agree; the teacher-as-target form is the one whose gradient with respect to the
+student logits is `(p_student - p_teacher) / T`, as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["distillation_loss", "freeze_teacher"]
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float = 0.5,
+    temperature: float = 4.0,
+) -> Tensor:
+    """Hinton distillation loss, averaged over the batch.
+
+    Args:
+        student_logits: `(batch, classes)` logits of the model being trained.
+        teacher_logits: `(batch, classes)` logits of the teacher; treated as constants
+            (detached), so no gradient reaches the teacher.
+        targets: `(batch,)` class indices for the cross-entropy term.
+        alpha: weight of the soft (teacher) term, in [0, 1]; 0 is plain cross-entropy.
+        temperature: softening temperature T > 0 applied to both logits in the soft term.
+
+    Returns:
+        Scalar `alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE(student, targets)`.
+
+    Raises:
+        ValueError: for `alpha` outside [0, 1], `temperature` <= 0, or student and teacher
+            logits of different shapes (e.g. a teacher trained for another number of classes).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
+    if not temperature > 0.0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"`student_logits` and `teacher_logits` must have the same shape (batch, classes), got "
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}; "
+            "was the teacher trained for another number of classes?"
+        )
+    teacher_logits = teacher_logits.detach()
+    hard = F.cross_entropy(student_logits, targets)
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (temperature**2)
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+def freeze_teacher(model: nn.Module) -> nn.Module:
+    """Puts `model` in eval mode with no trainable parameters, in place, and returns it.
+
+    Eval mode keeps BatchNorm on its running statistics and dropout off, so the teacher's
+    targets do not depend on the batch; `requires_grad=False` keeps its parameters out of any
+    optimizer and its activations out of the autograd graph. A Lightning callback that holds
+    the teacher must still call `freeze_teacher` again after `trainer` switches modules to
+    train mode if the teacher is registered as a submodule of the LightningModule.
+    """
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
