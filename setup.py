@@ -31,6 +31,7 @@ setup(
         "compresslight.models",
         "compresslight.compression",
         "compresslight.profiling",
+        "compresslight.sweep",
         "compresslight.callbacks",
         "compresslight.datamodules",
     ],

@@ -125,7 +125,8 @@ class ProfileCallback(Callback):
             or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in input_shape)
         ):
             raise ValueError(
-                f"`input_shape` must be positive ints without the batch dimension, e.g. (3, 32, 32), got {input_shape!r}."
+                "`input_shape` must be positive ints without the batch dimension, e.g. (3, 32, 32), "
+                f"got {input_shape!r}."
             )
         self.batch_sizes = batch_sizes
         self.threads = thread_list
@@ -203,6 +204,9 @@ class ProfileCallback(Callback):
         self._write(trainer, pl_module)
 
     def _profile(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> list[ModelProfile]:
+        # `pl_module` is the bare module, not the DDP wrapper: its forward runs no collective, and
+        # DDP's gradient hooks stay idle outside a wrapped forward/backward (the reducer only
+        # expects gradients after DDP's own forward), so rank 0 can run train steps alone.
         devices = self.devices or [str(trainer.strategy.root_device)]
         return profile_settings(
             pl_module,
@@ -275,7 +279,8 @@ class ProfileCallback(Callback):
             metrics["profile/params_compression"] = r.params_compression
             metrics["profile/theoretical_speedup"] = r.theoretical_speedup
             for m in r.memory_compression:
-                metrics[f"profile/memory_compression/bs{m.batch_size}"] = m.train if m.train is not None else m.inference
+                ratio = m.train if m.train is not None else m.inference
+                metrics[f"profile/memory_compression/bs{m.batch_size}"] = ratio
             for s in r.speedups:
                 setting = f"bs{s.batch_size}_t{profile.environment.threads}_{s.backend}{device_suffix}"
                 metrics[f"profile/observed_speedup/{s.mode}/{setting}"] = s.observed

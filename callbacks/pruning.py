@@ -50,6 +50,9 @@ class PruningCallback(StructuralCompressionCallback):
         ratios: layer-name glob pattern -> fraction, e.g. `{"layer1.*.conv1": 0.7}` (paper 002's
             groups). Layers matching no pattern use `amount` (or are left alone if it is None).
         norm: 1 or 2: the filter-norm ranking (paper 002: L1; paper 000: L2).
+        importance: "group" ranks a channel by the mean norm over every layer coupled to it
+            (torch-pruning's default); "filter" by the pruned layer's own filter norm only, as
+            Distiller's `L1RankedStructureParameterPruner` (paper 002) and Li et al. do.
         round_to: keep channel counts multiples of this (hardware-friendly widths).
         ignored_layers: glob patterns of layers never pruned (the classifier's outputs never are).
         epochs: epochs at whose start to prune; 0 means once in `setup`, before training.
@@ -63,7 +66,7 @@ class PruningCallback(StructuralCompressionCallback):
         module_path: the submodule to prune (see `StructuralCompressionCallback`).
 
     Raises:
-        ValueError: for a ratio outside [0, 1), an unknown norm, ramp or mode, or an
+        ValueError: for a ratio outside [0, 1), an unknown norm, importance, ramp or mode, or an
             inconsistent schedule.
     """
 
@@ -72,6 +75,7 @@ class PruningCallback(StructuralCompressionCallback):
         amount: float | None = None,
         ratios: Mapping[str, float] | None = None,
         norm: int = 2,
+        importance: Literal["group", "filter"] = "group",
         round_to: int | None = None,
         ignored_layers: Sequence[str] = (),
         epochs: Sequence[int] | None = None,
@@ -91,6 +95,8 @@ class PruningCallback(StructuralCompressionCallback):
                 raise ValueError(f"`{name}` must be in [0, 1), got {ratio!r}.")
         if norm not in (1, 2):
             raise ValueError(f"`norm` must be 1 or 2, got {norm!r}.")
+        if importance not in ("group", "filter"):
+            raise ValueError(f"`importance` must be 'group' or 'filter', got {importance!r}.")
         if mode not in ("structured", "unstructured"):
             raise ValueError(f"`mode` must be 'structured' or 'unstructured', got {mode!r}.")
         if mode == "unstructured" and ratios:
@@ -98,6 +104,7 @@ class PruningCallback(StructuralCompressionCallback):
         self.amount = amount
         self.ratios = dict(ratios or {})
         self.norm = norm
+        self.importance = importance
         self.round_to = round_to
         self.ignored_layers = list(ignored_layers)
         self.mode = mode
@@ -155,6 +162,7 @@ class PruningCallback(StructuralCompressionCallback):
                         module,
                         ratios=ratios,
                         norm=self.norm,
+                        importance=self.importance,
                         round_to=self.round_to,
                         ignored_layers=self.ignored_layers,
                         example_inputs=inputs,

@@ -123,6 +123,11 @@ class StructuralCompressionCallback(Callback):
         path = self.target_path(pl_module)
         inputs = example_inputs if example_inputs is not None else find_example_inputs(trainer, pl_module)
         before = _structure_summary(target, inputs)
+        for callback in trainer.callbacks:
+            # e.g. ProfileCallback: measure the baseline before a one-shot edit in `setup`,
+            # whatever the order of the callbacks.
+            if callback is not self and hasattr(callback, "before_compression"):
+                callback.before_compression(trainer, pl_module)
         optimizer_snapshot = OptimizerSnapshot.take(trainer, pl_module) if trainer.optimizers else None
         if optimizer_snapshot is None:
             # An edit before training (in `setup`) may have to be undone if Lightning then
@@ -161,7 +166,12 @@ class StructuralCompressionCallback(Callback):
 
         after = _structure_summary(target, inputs)
         seconds = time.perf_counter() - started
-        self._log_edit(trainer, record, before, after, seconds)
+        # `trainer.log_dir` is a collective under DDP (it broadcasts rank 0's path): resolve it
+        # here, on every rank, never inside the rank-0-only `_log_edit`, where rank 0 would
+        # broadcast alone and pair with the next collective of the other ranks (DDP's buffer
+        # sync in the next forward), which hangs the run.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._log_edit(trainer, record, before, after, seconds, log_dir)
         for callback in trainer.callbacks:
             if callback is not self and hasattr(callback, "on_compression"):
                 callback.on_compression(trainer, pl_module)
@@ -169,7 +179,13 @@ class StructuralCompressionCallback(Callback):
 
     @rank_zero_only
     def _log_edit(
-        self, trainer: pl.Trainer, record: CompressionRecord, before: dict[str, Any], after: dict[str, Any], seconds: float
+        self,
+        trainer: pl.Trainer,
+        record: CompressionRecord,
+        before: dict[str, Any],
+        after: dict[str, Any],
+        seconds: float,
+        log_dir: Path,
     ) -> None:
         metrics = {
             "compression/params": float(after["params"]),
@@ -190,7 +206,6 @@ class StructuralCompressionCallback(Callback):
             "before": before,
             "after": after,
         }
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "compression_log.jsonl", "a") as handle:
             handle.write(json.dumps(entry) + "\n")

@@ -90,6 +90,12 @@ def main(args: list[str] | None = None) -> None:
     if command_line and command_line[0] in extra:
         extra[command_line[0]](command_line[1:])
         return
+    from compresslight.sweep.fitconfig import expand_path_overrides
+
+    # `--trainer.callbacks[PruningCallback].init_args.ratios["layer1.*.conv1"]=0.5` (what W&B
+    # sweep agents pass) addresses keys jsonargparse cannot; untouched when no key has one.
+    if any("[" in arg for arg in command_line):
+        args = expand_path_overrides(command_line)
     CompressLightCLI(args=args)  # None: LightningCLI reads sys.argv itself
 
 

@@ -232,6 +232,7 @@ def test_unstructured_mode_zeroes_weights_and_saves_plain_checkpoints(tmp_path):
         (dict(amount=0.2, start_epoch=3, end_epoch=1), r"0 <= start_epoch <= end_epoch"),
         (dict(amount=0.2, ramp="cubic", epochs=[1, 2]), r"`ramp` must be 'constant' or 'agp'"),
         (dict(amount=0.2, mode="random"), r"`mode` must be 'structured' or 'unstructured'"),
+        (dict(amount=0.2, importance="l1"), r"`importance` must be 'group' or 'filter'"),
     ],
 )
 def test_bad_arguments_fail_clearly(kwargs, message):
