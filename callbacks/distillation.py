@@ -67,6 +67,8 @@ class DistillationCallback(Callback):
     Args:
         teacher_ckpt: checkpoint of the teacher (a LightningModule of the student's class, any
             architecture, compressed or not), or "self" for the student's own starting weights.
+            Required; None (a config's placeholder for a path given on the command line) is an
+            error when fitting starts.
         alpha: weight of the soft (teacher) term, in [0, 1]; the module's loss gets `1 - alpha`.
         temperature: softening temperature T > 0.
         module_path: the student network inside the LightningModule, whose output are the
@@ -74,21 +76,24 @@ class DistillationCallback(Callback):
             `nn.Module` attribute of that name (as `ImageClassifier` does), else the module itself.
 
     Raises:
-        ValueError: for a missing `teacher_ckpt` file, `alpha` outside [0, 1] or `temperature` <= 0.
+        ValueError: for a `teacher_ckpt` file that does not exist, `alpha` outside [0, 1] or
+            `temperature` <= 0.
     """
 
     def __init__(
         self,
-        teacher_ckpt: str | Path,
+        teacher_ckpt: str | Path | None = None,
         alpha: float = 0.5,
         temperature: float = 4.0,
         module_path: str | None = None,
     ) -> None:
         teacher_ckpt = str(teacher_ckpt) if teacher_ckpt is not None else None
-        if teacher_ckpt != SELF_TEACHER and (teacher_ckpt is None or not Path(teacher_ckpt).is_file()):
+        # None is accepted here so that a config can leave the path to the command line; `setup`
+        # refuses it.
+        if teacher_ckpt not in (None, SELF_TEACHER) and not Path(teacher_ckpt).is_file():
             raise ValueError(
-                f"`teacher_ckpt` must be an existing checkpoint file or {SELF_TEACHER!r}, got {teacher_ckpt!r}"
-                + ("." if teacher_ckpt is None else " (no such file).")
+                f"`teacher_ckpt` must be an existing checkpoint file or {SELF_TEACHER!r}, got {teacher_ckpt!r} "
+                "(no such file)."
             )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
@@ -129,7 +134,8 @@ class DistillationCallback(Callback):
         except AttributeError:
             children = [name for name, _ in pl_module.named_children()]
             raise ValueError(
-                f"`module_path` must name a submodule of {type(pl_module).__name__} (children: {children}), got {path!r}."
+                f"`module_path` must name a submodule of {type(pl_module).__name__} (children: {children}), "
+                f"got {path!r}."
             ) from None
 
     # --- teacher ---------------------------------------------------------------------------------
@@ -138,6 +144,11 @@ class DistillationCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.teacher_ckpt is None:
+            raise ValueError(
+                f"DistillationCallback needs `teacher_ckpt`: a checkpoint path or {SELF_TEACHER!r}, got None (on the "
+                "command line: `--trainer.callbacks.init_args.teacher_ckpt path/to/teacher.ckpt`)."
+            )
         if not pl_module.automatic_optimization:
             raise ValueError(
                 f"DistillationCallback changes the loss `training_step` returns, which needs automatic optimization; "
@@ -177,14 +188,15 @@ class DistillationCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, student: nn.Module, teacher: nn.Module
     ) -> None:
         example = find_example_inputs(trainer, pl_module)
-        was_training = student.training
+        training = {module: module.training for module in student.modules()}
         student.eval()  # no batch-norm statistics update from this probe
         try:
             with torch.no_grad():
                 student_out = student(example.to(_device_of(student)))
                 teacher_out = teacher(example.to(_device_of(teacher)))
         finally:
-            student.train(was_training)
+            for module, was_training in training.items():
+                module.training = was_training
         if student_out.shape[-1] != teacher_out.shape[-1]:
             raise ValueError(
                 f"The teacher ({self.teacher_source}) predicts {teacher_out.shape[-1]} classes but the student predicts "
@@ -243,7 +255,9 @@ class DistillationCallback(Callback):
             self._tap_handle = student.register_forward_hook(self._tap)
             self._tapped = student
 
-    def _distill_step(self, pl_module: pl.LightningModule, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _distill_step(
+        self, pl_module: pl.LightningModule, original: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
         self._ensure_tap(pl_module)
         self._tap.arm()
         try:
@@ -261,7 +275,8 @@ class DistillationCallback(Callback):
             )
         if not isinstance(student_logits, torch.Tensor):
             raise RuntimeError(
-                f"DistillationCallback needs the student network to return a logits tensor, got {type(student_logits).__name__}."
+                "DistillationCallback needs the student network to return a logits tensor, got "
+                f"{type(student_logits).__name__}."
             )
         assert self._teacher is not None
         with torch.no_grad():
@@ -323,7 +338,8 @@ def _load_module(path: str, module_class: type[pl.LightningModule]) -> pl.Lightn
         module = module_class(**hparams)
     except (TypeError, ValueError) as error:
         raise ValueError(
-            f"Could not build the teacher {module_class.__name__} from the hyperparameters in `teacher_ckpt` {path!r}: {error}"
+            f"Could not build the teacher {module_class.__name__} from the hyperparameters in `teacher_ckpt` "
+            f"{path!r}: {error}"
         ) from error
     return load_compressed_checkpoint(module, path)
 

@@ -157,7 +157,9 @@ class QuantizationCallback(StructuralCompressionCallback):
         stages = [stages] if isinstance(stages, str) else list(stages)
         if not set(stages) <= set(STAGES):
             raise ValueError(f"`stages` must be a list of {list(STAGES)}, got {stages!r}.")
-        latency_batch_sizes = [latency_batch_sizes] if isinstance(latency_batch_sizes, int) else list(latency_batch_sizes)
+        if isinstance(latency_batch_sizes, int):
+            latency_batch_sizes = [latency_batch_sizes]
+        latency_batch_sizes = list(latency_batch_sizes)
         for size in latency_batch_sizes:
             _check_int("latency_batch_sizes", size, 1)
         _check_int("latency_warmup", latency_warmup, 0)
@@ -396,7 +398,9 @@ class QuantizationCallback(StructuralCompressionCallback):
 
 
 @torch.no_grad()
-def evaluate_top1(models: Mapping[str, nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+def evaluate_top1(
+    models: Mapping[str, nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, float]:
     """Top-1 accuracy of several models over the same batches, in one pass over them.
 
     Args:
@@ -466,7 +470,9 @@ def _loader(trainer: pl.Trainer, split: str) -> Iterable[Any]:
             # `trainer.test` sets the datamodule up for testing only; calibration needs training data.
             datamodule.setup("fit")
         return getattr(datamodule, f"{split}_dataloader")()
-    loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders, "test": trainer.test_dataloaders}[split]
+    loaders = {
+        "train": trainer.train_dataloader, "val": trainer.val_dataloaders, "test": trainer.test_dataloaders
+    }[split]
     if isinstance(loaders, Mapping):
         loaders = next(iter(loaders.values()), None)
     elif isinstance(loaders, (list, tuple)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["distillation_loss", "freeze_teacher"]
+__all__ = ["distillation_loss", "freeze_teacher", "soft_target_loss"]
 
 
 def distillation_loss(
@@ -50,6 +50,25 @@ def distillation_loss(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
+    soft = soft_target_loss(student_logits, teacher_logits, temperature)
+    hard = F.cross_entropy(student_logits, targets)
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """The soft term of the distillation loss alone: `T^2 * KL(p_teacher || p_student)`, batch mean.
+
+    `DistillationCallback` adds it to the LightningModule's own loss (which plays the part of the
+    cross-entropy term), so label smoothing or any other loss the module uses is kept.
+
+    Args:
+        student_logits: `(batch, classes)` logits of the model being trained.
+        teacher_logits: `(batch, classes)` logits of the teacher; detached, no gradient reaches it.
+        temperature: softening temperature T > 0.
+
+    Raises:
+        ValueError: for `temperature` <= 0, or student and teacher logits of different shapes.
+    """
     if not temperature > 0.0:
         raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
     if student_logits.shape != teacher_logits.shape:
@@ -58,15 +77,12 @@ def distillation_loss(
             f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}; "
             "was the teacher trained for another number of classes?"
         )
-    teacher_logits = teacher_logits.detach()
-    hard = F.cross_entropy(student_logits, targets)
-    soft = F.kl_div(
+    return F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
         reduction="batchmean",
         log_target=True,
     ) * (temperature**2)
-    return alpha * soft + (1.0 - alpha) * hard
 
 
 def freeze_teacher(model: nn.Module) -> nn.Module:

@@ -45,6 +45,7 @@ calibration, optional per-channel weights) on the model exported with the torch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -82,6 +83,7 @@ __all__ = [
     "export_onnx",
     "fake_quant_record",
     "fake_quantize",
+    "float_only_layers",
     "insert_fake_quant",
     "prepare_qat",
     "quantization_params",
@@ -495,19 +497,31 @@ def insert_fake_quant(
     layers = [name for name, module in model.named_modules() if type(module) in _FAKE_QUANT_CLASSES]
     if not layers:
         raise ValueError("`model` has no Conv1d/Conv2d/Conv3d/Linear layer to quantize.")
-    left_float = [
-        name
-        for name, module in model.named_modules()
-        # Norm layers have 1-d weights and are folded or kept float by every int8 backend.
-        if type(module) not in _FAKE_QUANT_CLASSES
-        and isinstance(getattr(module, "weight", None), nn.Parameter)
-        and module.weight.dim() >= 2
-    ]
+    left_float = float_only_layers(model)
     if left_float:
         log.warning("Quantization leaves these weighted layers in float (unsupported type): %s", left_float)
     record = FakeQuantRecord(layers=layers, bits=bits, per_channel=per_channel, averaging_constant=averaging_constant)
     record.apply(model)
     return record
+
+
+def float_only_layers(model: nn.Module) -> list[str]:
+    """Weighted layers that quantization leaves in float, as "name (Type)" strings.
+
+    Every layer with a weight of 2 or more dimensions that is not a plain Conv1d/2d/3d or Linear
+    (ConvTranspose, Embedding, a subclass of Conv2d with its own forward, ...): neither the
+    simulated path nor, for most of them, ONNX Runtime's int8 kernels quantize it. Fake-quant
+    layers count as quantized.
+    """
+    return [
+        f"{name} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        # Norm layers have 1-d weights and are folded or kept float by every int8 backend.
+        if type(module) not in _FAKE_QUANT_CLASSES
+        and not isinstance(module, _FAKE_QUANT_TYPES)
+        and isinstance(getattr(module, "weight", None), nn.Parameter)
+        and module.weight.dim() >= 2
+    ]
 
 
 def fake_quant_record(model: nn.Module) -> FakeQuantRecord:
@@ -733,6 +747,29 @@ def _check_input_shape(example_input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+# Loggers that report every pass of an export at INFO (hundreds of lines under the CLI's INFO
+# logging) and one warning per torchvision op that is not installed; none concern the model.
+_NOISY_ONNX_LOGGERS = (
+    "onnx_ir",
+    "onnxscript",
+    "onnxruntime.quantization",
+    "torch.onnx._internal.exporter._registration",
+)
+
+
+@contextlib.contextmanager
+def _quiet_onnx_logs() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_ONNX_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def export_onnx(model: nn.Module, example_input_shape: Sequence[int], path: str | os.PathLike) -> Path:
     """Exports `model` (float, eval mode) to one self-contained ONNX file with a dynamic batch axis.
 
@@ -762,7 +799,7 @@ def export_onnx(model: nn.Module, example_input_shape: Sequence[int], path: str 
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_onnx_logs():
             # torch-internal FutureWarnings from the exporter (pytree LeafSpec); none concern `model`.
             warnings.simplefilter("ignore", FutureWarning)
             torch.onnx.export(
@@ -881,17 +918,18 @@ def export_int8_onnx(
     with tempfile.TemporaryDirectory(prefix="compresslight_int8_") as tmp:
         float_path, pre_path, int8_path = (Path(tmp) / name for name in ("float.onnx", "pre.onnx", "int8.onnx"))
         export_onnx(model, example_input_shape, float_path)
-        quant_pre_process(str(float_path), str(pre_path))
-        quantize_static(
-            str(pre_path),
-            str(int8_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        with _quiet_onnx_logs():
+            quant_pre_process(str(float_path), str(pre_path))
+            quantize_static(
+                str(pre_path),
+                str(int8_path),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
         left_float = _float_compute_layers(int8_path, Path(tmp) / "optimized.onnx")
         if left_float and not allow_float_layers:
             raise ValueError(
