@@ -161,8 +161,23 @@ class ProfileCallback(Callback):
         if not self.profile_on_fit_start or not trainer.is_global_zero:
             return
         if self.baseline:
-            log.info("ProfileCallback: keeping the baseline profile restored from the checkpoint.")
+            log.info("ProfileCallback: keeping the baseline profiled before compression (or restored from the checkpoint).")
             return
+        self._profile_baseline(trainer, pl_module)
+
+    def before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Profiles the baseline before the first structural edit, if not done yet.
+
+        A one-shot compression edits the model in `setup`, before `on_fit_start`; compression
+        callbacks call this on every `ProfileCallback` first, on every rank, whatever the order
+        of the callbacks, so the baseline is the model as it was.
+        """
+        if self._log_dir is None:
+            self.setup(trainer, pl_module, stage="fit")
+        if self.profile_on_fit_start and not self.baseline and trainer.is_global_zero:
+            self._profile_baseline(trainer, pl_module)
+
+    def _profile_baseline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.baseline = self._profile(trainer, pl_module, name="baseline")
         self._log_metrics(trainer, self.baseline, [])
         self._write(trainer, pl_module)
