@@ -3,12 +3,15 @@
 One `fit` runs the whole pipeline of paper 003 on a trained network (start it from a baseline with
 `--model.init_from`):
 
-| epochs | what happens |
-|---|---|
-| `[t E, (t + 1) E)`, t = 0..T-1 | L step t: ordinary training with the penalty `mu_t/2 ||W - Theta||^2` (augmented Lagrangian: `- lambda_t/mu_t` inside the norm) added to the gradients |
-| start of epoch `(t + 1) E` | C step t: per layer SVD + exact rank choice `argmin_r lam C_k(r) + mu_t/2 sum_{i>r} s_i^2`; then `mu_{t+1} = a b^{t+1}` |
-| start of epoch `T E` (or after the C step that reached `tolerance`) | every layer is replaced by its factorized form `Sequential(v, u)` at the learned rank, weights = Theta (layers whose dense form is cheaper stay dense) |
-| `[T E, max_epochs)` | fine-tuning of the factorized network |
+- epochs `[t E, (t + 1) E)`, t = 0..T-1, **L step** t: ordinary training with the penalty
+  `mu_t/2 ||W - Theta||^2` (augmented Lagrangian: `- lambda_t/mu_t` inside the norm) added to
+  the gradients;
+- start of epoch `(t + 1) E`, **C step** t: per layer, SVD and the exact rank
+  `argmin_r lam C_k(r) + mu_t/2 sum_{i>r} s_i^2`; then `mu_{t+1} = a b^{t+1}`;
+- start of epoch `T E` (or right after the C step that reached `tolerance`): every layer is
+  replaced by its factorized form `Sequential(v, u)` at the learned rank with the Theta factors
+  as weights (layers whose dense form is cheaper stay dense);
+- epochs `[T E, max_epochs)`: fine-tuning of the factorized network.
 
 (`E` = `epochs_per_step`, `T` = `steps`, `mu_t = mu_init * mu_growth^t`.) The C step runs at the
 *start* of the epoch after its L step rather than at the end of the L step's last epoch: the two
@@ -47,6 +50,7 @@ from typing import Any, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from typing_extensions import override
@@ -80,11 +84,16 @@ class LCCallback(StructuralCompressionCallback):
         steps: T, the number of L/C steps (>= 1). Paper 003: 60 (VGG16), 30 (AlexNet).
         epochs_per_step: epochs of each L step (>= 1). Paper 003: 20 (VGG16), 5 (AlexNet).
         tolerance: stop the L/C steps early once `||W - Theta||` <= this (0: run all T steps).
+        restart_lr: start every L step and the fine-tuning with fresh optimizers and LR schedulers
+            (`configure_optimizers` again: initial lr, no momentum), as the LC toolbox's
+            `restart_on_l` does for paper 003's VGG16 setting (lr 7e-4 x0.99 per epoch of each L
+            step). Without it the LR schedule runs on across the whole fit.
         augmented_lagrangian: use Lagrange multipliers (paper 003's practice) on top of the
             quadratic penalty.
-        layers: glob patterns of the layers to compress (default: every `nn.Linear` and
-            `nn.Conv2d` with `groups == 1`, as paper 003 and the LC toolbox do: the C step keeps a
-            layer dense wherever its factorized form costs more, e.g. a first conv over 3 channels).
+        layers: glob patterns of the layers to compress. Default: every `nn.Linear` and
+            `nn.Conv2d` with `groups == 1`, as the authors' LC toolbox runs (`vgg16_all`); no
+            layer needs excluding by hand, since the C step keeps a layer dense wherever its
+            factorized form costs more (e.g. VGG16's first conv, over 3 input channels).
         ignored_layers: glob patterns of layers never compressed.
         runtime_device: the device whose runtime is optimized: where a runtime model is measured,
             and what a loaded one must have been measured on. Default: the Trainer's root device.
@@ -99,6 +108,16 @@ class LCCallback(StructuralCompressionCallback):
         measure_iters: timed calls per measurement when measuring a runtime model (>= 1).
         statistic: `"min"` (default: robust on a shared machine) or `"median"` latency per measurement.
         module_path: the submodule to compress (see `StructuralCompressionCallback`).
+
+    Attributes:
+        lc: the algorithm (`LowRankLC`), built when training starts; None once factorized.
+        lc_state: its state (step, mu, Theta, multipliers, ranks); None once factorized.
+        compressed: whether the network has been factorized.
+        history: one entry per C step (its epoch, mu, ranks, cost, distance, seconds).
+        final_ranks: rank of every factorized layer (layers kept dense are absent).
+        runtime_model: the `RuntimeModel` pricing the ranks (cost "runtime").
+        measured_runtime_model: the runtime model measured by this callback, as plain data (kept
+            in checkpoints so a resumed fit prices ranks as before); None if loaded from a file.
 
     Raises:
         ValueError: for a value out of range, an unknown cost/backend/statistic, a runtime model
@@ -116,6 +135,7 @@ class LCCallback(StructuralCompressionCallback):
         steps: int = 60,
         epochs_per_step: int = 20,
         tolerance: float = 0.0,
+        restart_lr: bool = False,
         augmented_lagrangian: bool = True,
         layers: Sequence[str] | None = None,
         ignored_layers: Sequence[str] = (),
@@ -162,6 +182,7 @@ class LCCallback(StructuralCompressionCallback):
         self.steps = steps
         self.epochs_per_step = epochs_per_step
         self.tolerance = float(tolerance)
+        self.restart_lr = restart_lr
         self.augmented_lagrangian = augmented_lagrangian
         self.layer_patterns = None if layers is None else list(layers)
         self.ignored_layers = list(ignored_layers)
@@ -228,17 +249,19 @@ class LCCallback(StructuralCompressionCallback):
             for pattern in patterns:
                 if not any(fnmatch.fnmatchcase(name, pattern) for name in available):
                     raise ValueError(
-                        f"`{argument}` pattern {pattern!r} matches no compressible layer; compressible layers: {available}."
+                        f"`{argument}` pattern {pattern!r} matches no compressible layer; "
+                        f"compressible layers: {available}."
                     )
         names = [
             name
             for name in available
-            if (self.layer_patterns is None or any(fnmatch.fnmatchcase(name, p) for p in self.layer_patterns))
-            and not any(fnmatch.fnmatchcase(name, p) for p in self.ignored_layers)
+            if (self.layer_patterns is None or _matches(name, self.layer_patterns))
+            and not _matches(name, self.ignored_layers)
         ]
         if not names:
             raise ValueError(
-                f"`layers` {self.layer_patterns} minus `ignored_layers` {self.ignored_layers} leaves no layer to compress."
+                f"`layers` {self.layer_patterns} minus `ignored_layers` {self.ignored_layers} leaves no layer "
+                "to compress."
             )
         return names
 
@@ -345,8 +368,9 @@ class LCCallback(StructuralCompressionCallback):
             data, failure = trainer.strategy.broadcast((data, failure), src=0)
             if failure is not None:
                 raise RuntimeError(f"LCCallback could not measure the runtime model on rank 0: {failure}")
-        self.measured_runtime_model = data
-        runtime_model = RuntimeModel.from_dict(data)
+        # Plain JSON data: checkpoints must load with `torch.load(weights_only=True)`.
+        self.measured_runtime_model = json.loads(json.dumps(data))
+        runtime_model = RuntimeModel.from_dict(self.measured_runtime_model)
         self._log_runtime_model(trainer, runtime_model, seconds)
         return runtime_model
 
@@ -389,11 +413,19 @@ class LCCallback(StructuralCompressionCallback):
         epoch = trainer.current_epoch
         # C steps due by now: one per finished L step (a loop, so a resumed fit catches up).
         due = min(epoch // self.epochs_per_step, self.steps)
+        new_phase = False
         while not self.lc.finished(self.lc_state) and self.lc_state.step < due:
             report = self._c_step(trainer, pl_module)
             self._log_c_step(trainer, report, epoch)
+            new_phase = True
         if self.lc.finished(self.lc_state):
             self._factorize(trainer, pl_module)
+            new_phase = True
+        if new_phase and self.restart_lr:
+            # A new L step (or the fine-tuning) starts: fresh optimizers and schedulers, the same
+            # call Lightning makes at the start of fit.
+            trainer.strategy.setup_optimizers(trainer)
+            log.info("LCCallback: optimizers and LR schedulers restarted at epoch %d.", epoch)
 
     def _c_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LCStepReport:
         """One C step; under DDP rank 0's result is broadcast, so every rank penalizes toward the
@@ -419,8 +451,9 @@ class LCCallback(StructuralCompressionCallback):
     def _factorize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.lc is not None and self.lc_state is not None
         lc, state = self.lc, self.lc_state
-        self.apply_edit(trainer, pl_module, lambda module: lc.compress(module, state))
-        self.final_ranks = {name: rank for name, rank in state.ranks.items() if not state.dense[name]}
+        record = self.apply_edit(trainer, pl_module, lambda module: lc.compress(module, state))
+        # The structure made (a rank-0 layer runs as rank 1 with zero factors).
+        self.final_ranks = dict(record.ranks)
         self.compressed = True
         entry = {
             "event": "factorize",
@@ -498,6 +531,10 @@ class LCCallback(StructuralCompressionCallback):
             self.lc, self.lc_state = None, None
 
 
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
@@ -512,7 +549,17 @@ def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log_dir(trainer: pl.Trainer) -> Path:
-    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's log dir as `trainer.log_dir` gives it, without its broadcast.
+
+    `trainer.log_dir` is a collective under DDP (it broadcasts rank 0's path): called from
+    rank-zero-only code it would wait forever for the other ranks.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        path = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+    else:
+        path = None
+    log_dir = Path(path or trainer.default_root_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     return log_dir
 

@@ -72,8 +72,11 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         _validate_hyperparameters(lr, momentum, weight_decay, label_smoothing, lr_schedule, milestones, gamma)
+        # A tuple before save_hyperparameters reads it: YAML and argument links give lists, and
+        # Lightning refuses to log a model and datamodule whose `input_shape` differ in type.
+        input_shape = tuple(input_shape)
         if len(input_shape) != 3:
-            raise ValueError(f"`input_shape` must be (channels, height, width), got {tuple(input_shape)!r}.")
+            raise ValueError(f"`input_shape` must be (channels, height, width), got {input_shape!r}.")
         self.save_hyperparameters(ignore=["arch"] if isinstance(arch, nn.Module) else None)
         self.model = arch if isinstance(arch, nn.Module) else create_model(
             arch, num_classes=num_classes, in_channels=input_shape[0]

@@ -65,12 +65,15 @@ __all__ = [
     "LayerCStep",
     "LayerCosts",
     "LowRankLC",
+    "RankChoice",
     "RankCost",
     "StorageCost",
     "c_step_layer",
+    "choose_rank",
     "lc_penalty",
     "mu_schedule",
     "penalty_gradient",
+    "squared_singular_values",
     "update_multiplier",
 ]
 
@@ -216,6 +219,72 @@ class LayerCStep:
     objective: float
 
 
+class RankChoice(NamedTuple):
+    """The solution of paper 003 eq. 5 for one layer, without Theta.
+
+    Attributes:
+        rank: chosen rank in [0, full rank].
+        dense: whether the layer stays uncompressed (then `rank` is the full rank).
+        cost: the chosen option's cost.
+        error: sum of the discarded squared singular values.
+        objective: `lam * cost + mu / 2 * error`.
+    """
+
+    rank: int
+    dense: bool
+    cost: float
+    error: float
+    objective: float
+
+
+def choose_rank(spectrum: np.ndarray, costs: LayerCosts, *, mu: float, lam: float) -> RankChoice:
+    """The rank minimizing `lam * C(r) + mu/2 * sum_{i>r} s_i^2` by enumeration (paper 003 eq. 5).
+
+    Only the spectrum matters, so callers that try many `lam` or `mu` (e.g. to aim at a cost
+    budget) compute the SVD once.
+
+    Args:
+        spectrum: the squared singular values `s_i^2` of the layer's matrix, in descending order
+            (`squared_singular_values`).
+        costs: the layer's costs; `costs.factorized` has one entry per rank 0..full rank.
+        mu: penalty parameter, > 0.
+        lam: cost weight `lambda` of eq. 3, >= 0.
+
+    Raises:
+        ValueError: if `mu` <= 0, `lam` < 0 or `costs` does not have one entry per rank.
+    """
+    if not mu > 0:
+        raise ValueError(f"`mu` must be > 0, got {mu!r}.")
+    if not lam >= 0:
+        raise ValueError(f"`lam` must be >= 0, got {lam!r}.")
+    squared = np.asarray(spectrum, dtype=np.float64)
+    full = squared.size
+    factorized = np.asarray(costs.factorized, dtype=np.float64)
+    if factorized.shape != (full + 1,):
+        raise ValueError(
+            f"`costs.factorized` must have {full + 1} entries (ranks 0..{full}), got shape {factorized.shape}."
+        )
+    # tail[r] = sum_{i > r} s_i^2 (1-based), the squared error of the rank-r truncation.
+    tail = np.concatenate([np.cumsum(squared[::-1])[::-1], [0.0]])
+    option_costs = factorized.copy()
+    dense_cheaper = costs.dense <= factorized[full]
+    option_costs[full] = min(factorized[full], costs.dense)
+    objective = lam * option_costs + 0.5 * mu * tail
+    rank = int(np.argmin(objective))  # ties go to the lower rank
+    return RankChoice(
+        rank=rank,
+        dense=bool(rank == full and dense_cheaper),
+        cost=float(option_costs[rank]),
+        error=float(tail[rank]),
+        objective=float(objective[rank]),
+    )
+
+
+def squared_singular_values(weight: torch.Tensor) -> np.ndarray:
+    """`s_i^2` (descending) of the weight's low-rank matrix (`lowrank.to_matrix`), as float64."""
+    return torch.linalg.svdvals(to_matrix(weight.detach())).double().cpu().numpy() ** 2
+
+
 def c_step_layer(target: torch.Tensor, costs: LayerCosts, *, mu: float, lam: float) -> LayerCStep:
     """Exact C step of one layer (paper 003 eq. 5) by SVD and enumeration over every rank.
 
@@ -234,32 +303,20 @@ def c_step_layer(target: torch.Tensor, costs: LayerCosts, *, mu: float, lam: flo
         raise ValueError(f"`lam` must be >= 0, got {lam!r}.")
     matrix = to_matrix(target.detach())
     full = min(matrix.shape)
-    factorized = np.asarray(costs.factorized, dtype=np.float64)
-    if factorized.shape != (full + 1,):
+    if np.shape(costs.factorized) != (full + 1,):
         raise ValueError(
             f"`costs.factorized` must have {full + 1} entries (ranks 0..{full}) for weight shape "
-            f"{tuple(target.shape)}, got shape {factorized.shape}."
+            f"{tuple(target.shape)}, got shape {np.shape(costs.factorized)}."
         )
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    squared = s.detach().double().cpu().numpy() ** 2
-    # tail[r] = sum_{i > r} s_i^2 (1-based), the squared error of the rank-r truncation.
-    tail = np.concatenate([np.cumsum(squared[::-1])[::-1], [0.0]])
-    option_costs = factorized.copy()
-    dense_cheaper = costs.dense <= factorized[full]
-    option_costs[full] = min(factorized[full], costs.dense)
-    objective = lam * option_costs + 0.5 * mu * tail
-    rank = int(np.argmin(objective))  # ties go to the lower rank
+    choice = choose_rank(s.detach().double().cpu().numpy() ** 2, costs, mu=mu, lam=lam)
+    rank = choice.rank
     if rank == full:
         theta = target.detach().clone()  # exact: no float error from re-multiplying the SVD
     else:
         theta = from_matrix((u[:, :rank] * s[:rank]) @ vh[:rank], target.shape)
     return LayerCStep(
-        theta=theta,
-        rank=rank,
-        dense=bool(rank == full and dense_cheaper),
-        cost=float(option_costs[rank]),
-        error=float(tail[rank]),
-        objective=float(objective[rank]),
+        theta=theta, rank=rank, dense=choice.dense, cost=choice.cost, error=choice.error, objective=choice.objective
     )
 
 

@@ -141,7 +141,7 @@ class RuntimeEnvironment:
             device_name=device_name(torch.device(device)),
             threads=threads,
             batch_size=batch_size,
-            torch_version=torch.__version__,
+            torch_version=str(torch.__version__),  # a TorchVersion would not load with weights_only
             onnxruntime_version=backend_version("onnxruntime") if backend == "onnxruntime" else None,
             warmup=warmup,
             iters=iters,
