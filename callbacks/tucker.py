@@ -234,11 +234,6 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
                 device=self.device or str(trainer.strategy.root_device), margin=self.margin, warmup=self.warmup,
                 iters=self.iters, train=self.train, rounds=self.rounds,
             )  # fmt: skip
-        # Before the edit, so that a profiler can take its baseline from the model as it was:
-        # a one-shot edit in `setup` happens before `ProfileCallback.on_fit_start`.
-        for callback in trainer.callbacks:
-            if callback is not self and hasattr(callback, "on_before_compression"):
-                callback.on_before_compression(trainer, pl_module)
         before = _cost(target, inputs)
         started = time.perf_counter()
         record: TuckerRecord = self.apply_edit(  # type: ignore[assignment]  # the edit's own record

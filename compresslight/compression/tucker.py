@@ -79,6 +79,7 @@ __all__ = [
     "TuckerRanks",
     "TuckerRecord",
     "decompose_model",
+    "selected_layers",
     "svd_decompose_linear",
     "tucker_decompose",
     "vbmf_tucker_ranks",
@@ -542,10 +543,9 @@ def decompose_model(
     _validate_options(
         layer_patterns, rank_method, min_rank, zero_rank, pointwise, n_iter_max, runtime_aware, example_inputs
     )
-    candidates = _select_layers(model, layer_patterns, include_linear)
-    first_conv = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-    if isinstance(rank_method, Mapping):
-        candidates = _explicit_layers(candidates, rank_method, first_conv if skip_first_conv else None, pointwise)
+    candidates, first_conv = _candidate_layers(
+        model, layer_patterns, rank_method, skip_first_conv, pointwise, include_linear
+    )
 
     report: dict[str, dict[str, Any]] = {}
     plans: dict[str, tuple[str, list[int]]] = {}
@@ -592,7 +592,7 @@ def decompose_model(
                 _keep(
                     row,
                     f"not faster by {runtime_aware.margin:.0%}: speedup {slowest['speedup']:.2f}x at batch "
-                    f"{slowest['batch_size']}, {slowest['threads']} threads, {slowest['mode']}",
+                    f"{slowest['batch_size']}, {slowest['threads']} thread(s), {slowest['mode']}",
                 )
                 continue
         row["decision"], row["reason"] = "decomposed", ""
@@ -610,6 +610,49 @@ def decompose_model(
     for name, module in replacements.items():
         set_submodule(model, name, module)
     return record
+
+
+def selected_layers(
+    model: nn.Module,
+    layer_patterns: Sequence[str] = ("*",),
+    rank_method: RankMethod = "vbmf",
+    *,
+    skip_first_conv: bool = True,
+    pointwise: Literal["svd", "skip"] = "svd",
+    include_linear: bool = False,
+) -> list[str]:
+    """The layers `decompose_model` would consider with these arguments; `model` is not touched.
+
+    Runs the same checks of the patterns and ranks against `model` as `decompose_model`, without
+    computing a decomposition: for callers that must fail early, e.g. a callback that decomposes
+    at a later epoch and should not train for epochs before finding a typo in a pattern.
+
+    Returns:
+        The candidate layer names, in module order (the first conv, grouped convs and, with
+        `pointwise="skip"`, 1x1 convs among them are kept by `decompose_model`, with a reason).
+
+    Raises:
+        ValueError: as `decompose_model`, for the patterns, `rank_method` and `pointwise`.
+    """
+    _validate_options(layer_patterns, rank_method, 1, "min_rank", pointwise, DEFAULT_HOOI_ITERS, None, None)
+    candidates, _ = _candidate_layers(model, layer_patterns, rank_method, skip_first_conv, pointwise, include_linear)
+    return list(candidates)
+
+
+def _candidate_layers(
+    model: nn.Module,
+    layer_patterns: Sequence[str],
+    rank_method: Any,
+    skip_first_conv: bool,
+    pointwise: str,
+    include_linear: bool,
+) -> tuple[dict[str, nn.Module], str | None]:
+    """(the selected decomposable layers, the model's first conv); validates a rank dict."""
+    candidates = _select_layers(model, layer_patterns, include_linear)
+    first_conv = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if isinstance(rank_method, Mapping):
+        candidates = _explicit_layers(candidates, rank_method, first_conv if skip_first_conv else None, pointwise)
+    return candidates, first_conv
 
 
 def _is_int(value: Any) -> bool:
