@@ -72,9 +72,9 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         _validate_hyperparameters(lr, momentum, weight_decay, label_smoothing, lr_schedule, milestones, gamma)
-        # A tuple before save_hyperparameters reads it: YAML and argument links give lists, and
-        # Lightning refuses to log a model and datamodule whose `input_shape` differ in type.
-        input_shape = tuple(input_shape)
+        # A list before save_hyperparameters reads it, as YAML gives it: Lightning refuses to log
+        # a model and datamodule whose `input_shape` hyperparameters differ, even in type only.
+        input_shape = list(input_shape)
         if len(input_shape) != 3:
             raise ValueError(f"`input_shape` must be (channels, height, width), got {input_shape!r}.")
         self.save_hyperparameters(ignore=["arch"] if isinstance(arch, nn.Module) else None)

@@ -45,7 +45,9 @@ class CompressLightCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
+        # As a list, the form a YAML config gives: the model's and the datamodule's recorded
+        # hyperparameters must agree for Lightning to log them.
+        parser.link_arguments("data.input_shape", "model.input_shape", compute_fn=list, apply_on="instantiate")
 
 
 def use_wandb_offline_without_account() -> None:

@@ -68,9 +68,10 @@ class SyntheticDataModule(VisionDataModule):
             augment=False,
             seed=seed,
         )
-        # Rebound as a tuple before save_hyperparameters reads it: YAML gives a list, and Lightning
-        # refuses to log a datamodule hparam whose type differs from the model's for the same key.
-        input_shape = shape = tuple(input_shape)
+        # Rebound as a list before save_hyperparameters reads it: a list is what YAML (and so the
+        # CLI's recorded config) gives, and Lightning refuses to log a datamodule hparam whose
+        # value differs from the model's (`ImageClassifier` stores a list too) for the same key.
+        input_shape = shape = list(input_shape)
         if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
             raise ValueError(f"`input_shape` must be three positive ints (C, H, W), got {input_shape!r}.")
         if signal < 0:
