@@ -669,8 +669,10 @@ def test_steelpatch_in_trainer(steel_root: Path, tmp_path: Path) -> None:
 
 
 def test_synthetic_in_trainer_with_logger(tmp_path: Path) -> None:
-    dm = SyntheticDataModule(num_classes=3, input_shape=[1, 4, 4], num_samples=32, batch_size=8)  # a YAML list
-    model = BatchRecorder((1, 4, 4), dm.num_classes)
+    dm = SyntheticDataModule(num_classes=3, input_shape=(1, 4, 4), num_samples=32, batch_size=8)
+    # A model recording `input_shape` as YAML (and ImageClassifier) do, as a list: Lightning
+    # refuses to log hyperparameters the model and the datamodule both hold with different values.
+    model = BatchRecorder([1, 4, 4], dm.num_classes)
     tiny_trainer(tmp_path, logger=True).fit(model, datamodule=dm)
     assert [tuple(x.shape) for x in model.train_inputs] == [(8, 1, 4, 4)] * 2
 
