@@ -92,6 +92,8 @@ def main(args: list[str] | None = None) -> None:
     if command_line and command_line[0] in extra:
         extra[command_line[0]](command_line[1:])
         return
+    if not command_line or command_line[0] in ("-h", "--help"):
+        print(f"compresslight commands beside Lightning's: {', '.join(extra)} (`<command> --help` for each).\n")
     from compresslight.sweep.fitconfig import expand_path_overrides
 
     # `--trainer.callbacks[PruningCallback].init_args.ratios["layer1.*.conv1"]=0.5` (what W&B

@@ -157,7 +157,7 @@ def runtime_model_command(args: list[str]) -> None:
     runtime_model.save(options.output)
     print(f"Runtime model written to {options.output}")
     if options.evaluate:
-        print(json.dumps(runtime_model.evaluate(network, n_samples=options.evaluate), indent=2, default=str))
+        print(json.dumps(runtime_model.evaluate(network, n_samples=options.evaluate).to_dict(), indent=2))
 
 
 def sweep_command(args: list[str]) -> None:

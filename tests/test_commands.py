@@ -1,0 +1,93 @@
+"""The CLI end to end, in-process: `fit` with a pruning callback and a profile, then the commands
+that read its checkpoint (`profile`, `sensitivity`) and `runtime-model`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compresslight.cli import main
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny `cli.py fit` run: ResNet20 on synthetic 16x16 data, pruned 25% at epoch 1, profiled."""
+    root = tmp_path_factory.mktemp("cli")
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2,
+            "limit_train_batches": 2,
+            "limit_val_batches": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "run"}},
+            "callbacks": [
+                {"class_path": "compresslight.callbacks.pruning.PruningCallback", "init_args": {"amount": 0.25, "epochs": [1]}},
+                {"class_path": "compresslight.callbacks.profile.ProfileCallback", "init_args": {"warmup": 0, "iters": 2}},
+            ],
+        },
+        "model": {"arch": "resnet20"},
+        "data": {
+            "class_path": "compresslight.datamodules.SyntheticDataModule",
+            "init_args": {"num_classes": 4, "input_shape": [3, 16, 16], "num_samples": 32, "batch_size": 16},
+        },
+    }
+    config_path = root / "fit.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(config_path)])
+    run_dir = root / "run" / "version_0"
+    return config_path, run_dir, run_dir / "checkpoints" / "epoch=1-step=4.ckpt"
+
+
+def test_fit_leaves_profile_reports_and_a_pruned_checkpoint(fitted):
+    _, run_dir, checkpoint = fitted
+    assert checkpoint.is_file()
+    report = json.loads((run_dir / "profile.json").read_text())
+    assert report["baseline"][0]["params"]["total"] > report["current"][0]["params"]["total"]
+    assert (run_dir / "profile.md").read_text().startswith("# Profile")
+    assert (run_dir / "profile.png").is_file()
+
+
+def test_profile_command_compares_a_checkpoint_with_its_baseline(fitted, tmp_path, capsys):
+    config_path, _, checkpoint = fitted
+    main(
+        ["profile", "--config", str(config_path), "--ckpt_path", str(checkpoint), "--baseline", "init",
+         "--batch_sizes", "1", "2", "--threads", "1", "--warmup", "0", "--iters", "2", "--output_dir", str(tmp_path)]
+    )
+    printed = capsys.readouterr().out
+    assert "Compression ratios and speedup" in printed
+    comparison = json.loads((tmp_path / "profile.json").read_text())["comparisons"][0]
+    assert comparison["theoretical_speedup"] > 1.5
+    assert {entry["batch_size"] for entry in comparison["speedups"]} == {1, 2}
+
+
+def test_sensitivity_command_prunes_each_layer_alone(fitted, tmp_path):
+    config_path, _, checkpoint = fitted
+    main(
+        ["sensitivity", "--config", str(config_path), "--ckpt_path", str(checkpoint), "--layers", "layer1.0.conv1",
+         "layer3.*.conv1", "--ratios", "0.25", "0.5", "--limit_batches", "1", "--output_dir", str(tmp_path)]
+    )
+    report = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert {(row["layer"], row["ratio"]) for row in report["rows"]} == {
+        (layer, ratio) for layer in ("layer1.0.conv1", "layer3.*.conv1") for ratio in (0.25, 0.5)
+    }
+    assert all(0 <= row["metric"] <= 1 for row in report["rows"])
+    assert (tmp_path / "sensitivity.md").is_file()
+
+
+def test_runtime_model_command_writes_a_loadable_model(fitted, tmp_path):
+    from compresslight.compression.runtime_model import RuntimeModel
+
+    config_path, _, _ = fitted
+    output = tmp_path / "rm.json"
+    main(["runtime-model", "--config", str(config_path), "--output", str(output), "--threads", "1", "--grid_points", "2"])
+    runtime_model = RuntimeModel.load(output)
+    assert runtime_model.predict({}) > 0
+
+
+def test_commands_need_a_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["profile", "--ckpt_path", "x.ckpt"])
+    assert "a fit config is required: --config configs/X.yaml" in capsys.readouterr().err
