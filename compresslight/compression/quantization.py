@@ -45,7 +45,6 @@ calibration, optional per-channel weights) on the model exported with the torch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -53,7 +52,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
@@ -62,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compresslight.compression.record import CompressionRecord, register_record
+from compresslight.profiling import backends as onnx_backend
 
 log = logging.getLogger(__name__)
 
@@ -747,29 +746,6 @@ def _check_input_shape(example_input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-# Loggers that report every pass of an export at INFO (hundreds of lines under the CLI's INFO
-# logging) and one warning per torchvision op that is not installed; none concern the model.
-_NOISY_ONNX_LOGGERS = (
-    "onnx_ir",
-    "onnxscript",
-    "onnxruntime.quantization",
-    "torch.onnx._internal.exporter._registration",
-)
-
-
-@contextlib.contextmanager
-def _quiet_onnx_logs() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in _NOISY_ONNX_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def export_onnx(model: nn.Module, example_input_shape: Sequence[int], path: str | os.PathLike) -> Path:
     """Exports `model` (float, eval mode) to one self-contained ONNX file with a dynamic batch axis.
 
@@ -799,21 +775,10 @@ def export_onnx(model: nn.Module, example_input_shape: Sequence[int], path: str 
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings(), _quiet_onnx_logs():
-            # torch-internal FutureWarnings from the exporter (pytree LeafSpec); none concern `model`.
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                input_names=[_ONNX_INPUT],
-                output_names=[_ONNX_OUTPUT],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                external_data=False,
-                dynamo=True,
-                verbose=False,
-            )
-    except Exception as error:  # the exporter raises many types; all mean "cannot export"
+        onnx_backend.export_onnx(
+            model, example, path, dynamic_batch=True, input_name=_ONNX_INPUT, output_name=_ONNX_OUTPUT
+        )
+    except ValueError as error:
         raise RuntimeError(f"torch.onnx.export could not export `model` ({type(model).__name__}): {error}") from error
     finally:
         model.train(was_training)
@@ -918,7 +883,7 @@ def export_int8_onnx(
     with tempfile.TemporaryDirectory(prefix="compresslight_int8_") as tmp:
         float_path, pre_path, int8_path = (Path(tmp) / name for name in ("float.onnx", "pre.onnx", "int8.onnx"))
         export_onnx(model, example_input_shape, float_path)
-        with _quiet_onnx_logs():
+        with onnx_backend.quiet_onnx_logs():
             quant_pre_process(str(float_path), str(pre_path))
             quantize_static(
                 str(pre_path),

@@ -123,15 +123,42 @@ def onnxruntime_runner(model: nn.Module, example: torch.Tensor, threads: int) ->
     return lambda: session.run(None, feed)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Writes `model` as a self-contained ONNX file with `example`'s (static) input shape.
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    *,
+    dynamic_batch: bool = False,
+    input_name: str = "input",
+    output_name: str = "output",
+) -> None:
+    """Writes `model` as a self-contained ONNX file: the one exporter of compresslight.
+
+    Args:
+        model: the network, exported as it is (the caller sets eval mode).
+        example: an input batch; its shape is the graph's input shape.
+        path: the `.onnx` file to write.
+        dynamic_batch: leave the batch dimension free (the example's batch must then be > 1:
+            torch.export specializes dimensions of size 1).
+        input_name: the graph input's name.
+        output_name: the graph output's name.
 
     Raises:
         ValueError: if neither the dynamo nor the TorchScript exporter can export the model.
     """
-    with torch.no_grad(), _quiet_exporter():
+    names = dict(input_names=[input_name], output_names=[output_name])
+    with torch.no_grad(), quiet_onnx_logs():
         try:
-            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False, verbose=False)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None,
+                **names,
+            )
             return
         except Exception as dynamo_error:  # noqa: BLE001 - any capture failure means: try the fallback
             log.warning(
@@ -140,26 +167,45 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
                 dynamo_error,
             )
             try:
-                torch.onnx.export(model, (example,), str(path), dynamo=False)
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(path),
+                    dynamo=False,
+                    dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None,
+                    **names,
+                )
             except Exception as legacy_error:  # noqa: BLE001
                 raise ValueError(
-                    f"Could not export the model to ONNX for the 'onnxruntime' backend: dynamo exporter: "
+                    f"Could not export the model to ONNX: dynamo exporter: "
                     f"{type(dynamo_error).__name__}: {dynamo_error}; TorchScript exporter: "
                     f"{type(legacy_error).__name__}: {legacy_error}."
                 ) from legacy_error
 
 
+# Loggers that report every pass of an export or a quantization at INFO (hundreds of lines
+# under the CLI's INFO logging) and one warning per torchvision op that is not installed; none
+# concern the user's model.
+_NOISY_ONNX_LOGGERS = (
+    "onnx_ir",
+    "onnxscript",
+    "onnxruntime.quantization",
+    "torch.onnx._internal.exporter._registration",
+)
+
+
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    # The exporter logs a warning per missing optional library (torchvision ops) and emits
-    # torch-internal deprecation warnings on every call; none of them concern the user's model.
-    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = noisy.level
-    noisy.setLevel(logging.ERROR)
+def quiet_onnx_logs() -> Iterator[None]:
+    """Silences the exporter's and ONNX Runtime's chatter and torch-internal deprecation warnings."""
+    loggers = [logging.getLogger(name) for name in _NOISY_ONNX_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        noisy.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
