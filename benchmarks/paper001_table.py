@@ -46,7 +46,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from compresslight.callbacks.quantization import evaluate_top1, measure_cpu_latency
+from compresslight.callbacks.quantization import measure_cpu_latency
+from compresslight.evaluation import evaluate_top1
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.quantization import (
     OnnxRuntimeModel,

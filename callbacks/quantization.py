@@ -86,6 +86,7 @@ from compresslight.compression.quantization import (
     strip_fake_quant,
 )
 from compresslight.compression.record import CompressionRecord
+from compresslight.evaluation import evaluate_top1
 from compresslight.profiling.timing import LatencyStats, measure_latency, num_threads
 
 log = logging.getLogger(__name__)
@@ -398,32 +399,6 @@ class QuantizationCallback(StructuralCompressionCallback):
 
 
 @torch.no_grad()
-def evaluate_top1(
-    models: Mapping[str, nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> dict[str, float]:
-    """Top-1 accuracy of several models over the same batches, in one pass over them.
-
-    Args:
-        models: name -> model, already in eval mode; each gets the inputs on the batch's device
-            (`OnnxRuntimeModel` moves them to the CPU itself).
-        batches: (inputs, targets) pairs.
-
-    Returns:
-        name -> fraction of correct top-1 predictions.
-
-    Raises:
-        ValueError: if `batches` is empty.
-    """
-    correct = dict.fromkeys(models, 0)
-    total = 0
-    for images, targets in batches:
-        for name, model in models.items():
-            predictions = model(images).argmax(dim=-1)
-            correct[name] += int((predictions == targets.to(predictions.device)).sum())
-        total += len(targets)
-    if total == 0:
-        raise ValueError("`batches` is empty: nothing to evaluate.")
-    return {name: count / total for name, count in correct.items()}
 
 
 def measure_cpu_latency(

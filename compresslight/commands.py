@@ -78,17 +78,9 @@ def profile_command(args: list[str]) -> None:
 
 def evaluate_top1(model: nn.Module, datamodule: Any, limit_batches: int | None = None) -> float:
     """Validation top-1 of `model` on the datamodule's validation loader (eval transform)."""
-    datamodule.setup("validate")
-    correct = total = 0
-    model.eval()
-    with torch.inference_mode():
-        for index, batch in enumerate(datamodule.val_dataloader()):
-            if limit_batches is not None and index >= limit_batches:
-                break
-            images, targets = datamodule.on_after_batch_transfer(batch, 0)
-            correct += (model(images).argmax(dim=-1) == targets).sum().item()
-            total += targets.numel()
-    return correct / max(total, 1)
+    from compresslight.evaluation import evaluate_top1 as top1_of, validation_batches
+
+    return top1_of({"model": model.eval()}, validation_batches(datamodule, limit_batches))["model"]
 
 
 def sensitivity_command(args: list[str]) -> None:

@@ -15,7 +15,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
-from compresslight.callbacks.quantization import QuantizationCallback, evaluate_top1
+from compresslight.callbacks.quantization import QuantizationCallback
+from compresslight.evaluation import evaluate_top1
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.quantization import ActivationQuantizer, FakeQuantConv2d
 from compresslight.datamodules.base import VisionDataModule
