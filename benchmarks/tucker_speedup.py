@@ -5,8 +5,11 @@ theoretical speedup 8.73) and observes 0.51x-1.48x. This script takes a trained 
 checkpoint, decomposes it twice, and compares both with the baseline:
 
 - plain VBMF (paper 000): every conv but the first, 1x1 shortcuts split by SVD;
-- runtime-aware: the same ranks, but each layer is timed against its factorization at every
-  batch size / thread count / mode below and kept where the factorization is not `--margin` faster.
+- runtime-aware, layers alone: the same ranks, but each layer is timed against its factorization
+  at every batch size / thread count / mode below and kept where the factorization is not
+  `--margin` faster;
+- runtime-aware (the default `RuntimeCheck`): then the whole decomposed model is timed against the
+  baseline in the same settings, and layers are put back while it is slower in any.
 
 It prints the ranks chosen, params, MACs, theoretical speedup (FLOPs ratio), observed speedup for
 inference and the train step at each batch size and thread count (`compresslight.profiling.profile`
@@ -111,6 +114,31 @@ def reference_decomposition_seconds(model: nn.Module) -> float:
     return time.perf_counter() - started
 
 
+def decompose_as_layers_alone_decided(model: nn.Module, aware: TuckerRecord) -> tuple[nn.Module, TuckerRecord]:
+    """The model the layer-alone decisions of `aware` give, before its whole-model check: the same
+    ranks (and, HOSVD being deterministic, the same factors) for every layer decomposed or reverted."""
+    reverted = {check["reverted"] for check in aware.whole_model} - {None}
+    ranks = {row["name"]: row["ranks"] for row in aware.report if row["name"] in reverted or row["name"] in aware.ranks}
+    copied = copy.deepcopy(model).eval()
+    if not ranks:
+        return copied, TuckerRecord()
+    record = decompose_model(copied, rank_method=ranks, example_inputs=torch.zeros(1, *CIFAR_SHAPE))
+    return copied, record
+
+
+def whole_model_table(record: TuckerRecord) -> str:
+    """The runtime-aware decomposition's whole-model checks: speedup per setting, then what it did."""
+    if not record.whole_model:
+        return "No whole-model check (no layer was faster alone).\n"
+    settings = [f"{r['mode']} bs{r['batch_size']} t{r['threads']}" for r in record.whole_model[0]["rows"]]
+    lines = ["| whole-model check | " + " | ".join(settings) + " | then |", "|" + "---|" * (len(settings) + 2)]
+    for number, check in enumerate(record.whole_model, 1):
+        cells = [f"{r['speedup']:.2f}x" for r in check["rows"]]
+        then = "keep the rest" if check["reverted"] is None else f"revert {check['reverted']}"
+        lines.append(f"| {number} | " + " | ".join(cells) + f" | {then} |")
+    return "\n".join(lines) + "\n"
+
+
 def ranks_table(records: dict[str, TuckerRecord]) -> str:
     names = list(dict.fromkeys(row["name"] for record in records.values() for row in record.report))
     rows = {method: {row["name"]: row for row in record.report} for method, record in records.items()}
@@ -120,7 +148,10 @@ def ranks_table(records: dict[str, TuckerRecord]) -> str:
         first = next(iter(rows.values()))[name]
         cells = [name, f"{first['params_before']:,}"]
         for method in records:
-            row = rows[method][name]
+            row = rows[method].get(name)
+            if row is None:  # not named in that decomposition's explicit ranks
+                cells.append("- / kept")
+                continue
             ranks = "-" if row["ranks"] is None else "x".join(map(str, row["ranks"]))
             decision = row["decision"] if row["decision"] == "decomposed" else f"kept ({row['reason']})"
             cells.append(f"{ranks} / {decision}")
@@ -146,14 +177,23 @@ def run(args: argparse.Namespace) -> None:
     )  # fmt: skip
     aware, aware_record, aware_seconds = decompose(baseline, check)
     loads.append(os.getloadavg()[0])
-    models = {"baseline": baseline, "tucker-vbmf": plain, "tucker-vbmf-runtime": aware}
-    records = {"tucker-vbmf": plain_record, "tucker-vbmf-runtime": aware_record}
+    layers_alone, layers_alone_record = decompose_as_layers_alone_decided(baseline, aware_record)
+    models = {
+        "baseline": baseline, "tucker-vbmf": plain, "tucker-vbmf-runtime-layers": layers_alone,
+        "tucker-vbmf-runtime": aware,
+    }  # fmt: skip
+    records = {
+        "tucker-vbmf": plain_record, "tucker-vbmf-runtime-layers": layers_alone_record,
+        "tucker-vbmf-runtime": aware_record,
+    }  # fmt: skip
 
     print("## Ranks (out x in for Tucker-2, one rank for an SVD split)\n")
     print(ranks_table(records))
     print()
     print(f"Decomposition time: plain VBMF {plain_seconds:.2f} s, runtime-aware {aware_seconds:.2f} s "
-          f"(timing {len(args.batch_sizes)} batch sizes x {len(args.threads)} thread counts x 2 modes per layer).\n")
+          f"(timing {len(args.batch_sizes)} batch sizes x {len(args.threads)} thread counts x 2 modes per layer, "
+          f"then {len(aware_record.whole_model)} whole-model check(s)).\n")
+    print(whole_model_table(aware_record))
 
     profiles = profile_all(models, args, loads)
     print("## Params, MACs, accuracy right after decomposition (no fine-tuning)\n")

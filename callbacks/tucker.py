@@ -94,6 +94,9 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         iters: timed calls per measurement, median taken (runtime-aware).
         rounds: alternating measurements of the two layers per setting, fastest kept
             (runtime-aware).
+        whole_model: after the per-layer decisions, time the whole decomposed model against the
+            original in the same settings and put layers back until it is not slower in any
+            (runtime-aware; see `RuntimeCheck`).
         module_path: the submodule to decompose (see `StructuralCompressionCallback`).
 
     Raises:
@@ -125,6 +128,7 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         warmup: int = 3,
         iters: int = 20,
         rounds: int = 2,
+        whole_model: bool = True,
         module_path: str | None = None,
     ) -> None:
         super().__init__(module_path=module_path)
@@ -146,7 +150,7 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         # Built now (on the CPU when the device is the trainer's) so bad settings fail at once.
         RuntimeCheck(
             batch_sizes=batch_sizes, threads=(None,) if threads is None else threads, device=device or "cpu",
-            margin=margin, warmup=warmup, iters=iters, train=train, rounds=rounds,
+            margin=margin, warmup=warmup, iters=iters, train=train, rounds=rounds, whole_model=whole_model,
         )  # fmt: skip
         self.rank_method = dict(rank_method) if isinstance(rank_method, Mapping) else rank_method
         self.epoch = epoch
@@ -167,6 +171,7 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         self.warmup = warmup
         self.iters = iters
         self.rounds = rounds
+        self.whole_model = whole_model
         self.decomposed = False
         #: The decomposition report (see `report_markdown`), once decomposed in this process.
         self.report: dict[str, Any] | None = None
@@ -232,7 +237,7 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
             check = RuntimeCheck(
                 batch_sizes=self.batch_sizes, threads=(None,) if self.threads is None else self.threads,
                 device=self.device or str(trainer.strategy.root_device), margin=self.margin, warmup=self.warmup,
-                iters=self.iters, train=self.train, rounds=self.rounds,
+                iters=self.iters, train=self.train, rounds=self.rounds, whole_model=self.whole_model,
             )  # fmt: skip
         before = _cost(target, inputs)
         started = time.perf_counter()
@@ -271,6 +276,7 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
             "theoretical_speedup": before["macs"] / max(after["macs"], 1),
             "decomposed": sorted(record.methods),
             "layers": record.report,
+            "whole_model": record.whole_model,
         }
         if publish:
             self._publish(trainer, self.report)
@@ -381,6 +387,20 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             )
         cells += [layer["decision"] or "-", layer["reason"] or ""]
         lines.append("| " + " | ".join(cells) + " |")
+    checks = report.get("whole_model") or []
+    if checks:
+        lines += ["", "Whole-model checks (original -> decomposed, median ms, speedup):", ""]
+        header = ["check"] + [f"{r['mode']} bs{r['batch_size']} t{r['threads']}" for r in checks[0]["rows"]]
+        header += ["then"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for number, check in enumerate(checks, 1):
+            cells = [str(number)]
+            cells += [
+                f"{r['original']['median_s'] * 1e3:.2f} -> {r['factorized']['median_s'] * 1e3:.2f} ({r['speedup']:.2f}x)"
+                for r in check["rows"]
+            ]
+            cells.append("done" if check["reverted"] is None else f"revert {check['reverted']}")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -400,6 +420,7 @@ def _check_settings(check: RuntimeCheck) -> dict[str, Any]:
         "warmup": check.warmup,
         "iters": check.iters,
         "rounds": check.rounds,
+        "whole_model": check.whole_model,
     }
 
 

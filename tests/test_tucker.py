@@ -18,6 +18,7 @@ from compresslight.compression.tucker import (
     TuckerConv2d,
     TuckerRecord,
     decompose_model,
+    layer_to_revert,
     svd_decompose_linear,
     tucker_decompose,
     vbmf_tucker_ranks,
@@ -411,3 +412,106 @@ def test_runtime_aware_keeps_layers_the_factorization_slows_down() -> None:
             assert r["speedup"] == pytest.approx(r["original"]["median_s"] / r["factorized"]["median_s"])
     assert all(r["speedup"] > 1.0 for r in rows["large"]["latency"])
     assert min(r["speedup"] for r in rows["small"]["latency"]) < 0.95
+
+
+class TwoConvsWithNorm(TwoConvs):
+    """TwoConvs with a BatchNorm, whose running statistics the whole-model check must not move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(x))
+
+
+def test_whole_model_check_times_copies_and_ends_not_slower_or_with_nothing_replaced() -> None:
+    torch.manual_seed(3)
+    model = TwoConvsWithNorm().eval()
+    norm_before = copy.deepcopy(model.norm.state_dict())
+    check = RuntimeCheck(batch_sizes=(1, 4), threads=(1,), warmup=2, iters=7, train=True, margin=0.0)
+    record = decompose_model(
+        model, ["small", "large"], rank_method={"small": (8, 8), "large": (2, 2)}, require_reduction=False,
+        runtime_aware=check, example_inputs=torch.randn(1, 3, 12, 12),
+    )  # fmt: skip
+    for key, value in model.norm.state_dict().items():
+        assert torch.equal(value, norm_before[key]), key
+    assert not model.training
+    if record.methods:  # the last check found the decomposed model not slower anywhere
+        last = record.whole_model[-1]
+        assert last["reverted"] is None
+        assert [(r["batch_size"], r["threads"], r["mode"]) for r in last["rows"]] == [
+            (1, 1, "inference"), (1, 1, "train"), (4, 1, "inference"), (4, 1, "train"),
+        ]  # fmt: skip
+        assert min(r["speedup"] for r in last["rows"]) >= 1.0
+    else:  # every decomposed layer was put back, each after a check that found the model slower
+        assert all(c["reverted"] is not None for c in record.whole_model)
+    reverted = [c["reverted"] for c in record.whole_model if c["reverted"] is not None]
+    rows = by_name(record)
+    for name in reverted:
+        assert rows[name]["decision"] == "kept" and rows[name]["reason"].startswith("reverted: the decomposed model")
+        assert isinstance(model.get_submodule(name), nn.Conv2d)
+    assert set(record.methods) == {name for name, row in rows.items() if row["decision"] == "decomposed"}
+
+
+class ScriptedCheck(RuntimeCheck):
+    """Scripted timings, to test the revert loop apart from this machine's speed: alone, `small`
+    is 1.1x faster factorized and `large` 3x; the whole decomposed model is 0.8x at batch 2 (1.5x
+    at batch 1) for the first `slow_checks` checks, then 1.2x."""
+
+    def __init__(self, slow_checks: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.slow_checks = slow_checks
+        self.whole_model_calls = 0
+
+    def measure(self, original, factorized, input_shape):
+        if isinstance(original, TwoConvs):
+            self.whole_model_calls += 1
+            slow = self.whole_model_calls <= self.slow_checks
+            speedups = {1: 1.5, 2: 0.8 if slow else 1.2}
+        else:
+            speedups = dict.fromkeys((1, 2), 1.1 if original.in_channels == 8 else 3.0)
+        stats = {"min_s": 1e-3, "median_s": 1e-3, "max_s": 1e-3, "iters": 1}
+        return [
+            {"batch_size": batch_size, "threads": 1, "mode": "inference", "original": stats,
+             "factorized": {**stats, "median_s": 1e-3 / speedup}, "speedup": speedup}
+            for batch_size, speedup in speedups.items()
+        ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "slow_checks, reverted, left",
+    [(0, [None], {"small", "large"}), (1, ["small", None], {"large"}), (5, ["small", "large"], set())],
+)
+def test_whole_model_check_reverts_the_layer_that_gained_least_where_the_model_was_slower(
+    slow_checks, reverted, left
+) -> None:
+    model = TwoConvs().eval()
+    record = decompose_model(
+        model, ["small", "large"], rank_method={"small": (4, 4), "large": (1, 1)}, require_reduction=False,
+        runtime_aware=ScriptedCheck(slow_checks, batch_sizes=(1, 2), threads=(1,)),
+        example_inputs=torch.randn(1, 3, 12, 12),
+    )  # fmt: skip
+    assert [check["reverted"] for check in record.whole_model] == reverted
+    assert set(record.methods) == left
+    rows = by_name(record)
+    for name in {"small", "large"} - left:
+        assert rows[name]["decision"] == "kept"
+        assert "was 0.80x at batch 2, 1 thread(s), inference" in rows[name]["reason"]
+        assert isinstance(getattr(model, name), nn.Conv2d)
+    for name in left:
+        assert isinstance(getattr(model, name), TuckerConv2d)
+
+
+def test_layer_to_revert_picks_the_lowest_speedup_in_the_setting() -> None:
+    def rows(inference_bs1: float, train_bs1: float) -> list[dict]:
+        return [
+            {"batch_size": 1, "threads": 2, "mode": "inference", "speedup": inference_bs1},
+            {"batch_size": 1, "threads": 2, "mode": "train", "speedup": train_bs1},
+        ]
+
+    latency = {"a": rows(1.1, 3.0), "b": rows(2.0, 1.05)}
+    assert layer_to_revert(latency, (1, 2, "inference")) == "a"
+    assert layer_to_revert(latency, (1, 2, "train")) == "b"
+    with pytest.raises(ValueError, match=r"Layer 'a' has no measurement at batch 128, 2 thread\(s\), train"):
+        layer_to_revert(latency, (128, 2, "train"))

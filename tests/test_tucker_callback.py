@@ -164,11 +164,22 @@ def test_runtime_aware_with_no_margin_decomposes_what_is_faster(tmp_path):
     model = classifier()
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[tucker])
     trainer.fit(model, *tiny_loaders())
-    [row] = json.loads((tmp_path / "tucker_report.json").read_text())["layers"]
+    report = json.loads((tmp_path / "tucker_report.json").read_text())
+    [row] = report["layers"]
     [measured] = row["latency"]
     faster = measured["factorized"]["median_s"] <= measured["original"]["median_s"]
-    assert row["decision"] == ("decomposed" if faster else "kept")
-    assert isinstance(model.model.layer3[0].conv2, TuckerConv2d if faster else nn.Conv2d)
+    if not faster:
+        assert row["decision"] == "kept" and report["whole_model"] == []
+    else:  # then the whole model decides
+        [check] = report["whole_model"]
+        [whole] = check["rows"]
+        assert (whole["batch_size"], whole["threads"], whole["mode"]) == (1, 1, "inference")
+        kept_whole = whole["speedup"] >= 1.0
+        assert check["reverted"] == (None if kept_whole else "layer3.0.conv2")
+        assert row["decision"] == ("decomposed" if kept_whole else "kept")
+        assert "Whole-model checks" in (tmp_path / "tucker_report.md").read_text()
+    decomposed = row["decision"] == "decomposed"
+    assert isinstance(model.model.layer3[0].conv2, TuckerConv2d if decomposed else nn.Conv2d)
 
 
 def test_layer_patterns_and_explicit_ranks_select_layers(tmp_path):
