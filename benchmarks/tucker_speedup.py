@@ -130,11 +130,18 @@ def whole_model_table(record: TuckerRecord) -> str:
     """The runtime-aware decomposition's whole-model checks: speedup per setting, then what it did."""
     if not record.whole_model:
         return "No whole-model check (no layer was faster alone).\n"
-    settings = [f"{r['mode']} bs{r['batch_size']} t{r['threads']}" for r in record.whole_model[0]["rows"]]
-    lines = ["| whole-model check | " + " | ".join(settings) + " | then |", "|" + "---|" * (len(settings) + 2)]
+    settings = list(
+        dict.fromkeys((r["mode"], r["batch_size"], r["threads"]) for check in record.whole_model for r in check["rows"])
+    )
+    header = [f"{mode} bs{batch} t{threads}" for mode, batch, threads in settings]
+    lines = ["| whole-model check | " + " | ".join(header) + " | then |", "|" + "---|" * (len(settings) + 2)]
     for number, check in enumerate(record.whole_model, 1):
-        cells = [f"{r['speedup']:.2f}x" for r in check["rows"]]
-        then = "keep the rest" if check["reverted"] is None else f"revert {check['reverted']}"
+        measured = {(r["mode"], r["batch_size"], r["threads"]): r["speedup"] for r in check["rows"]}
+        cells = ["-" if setting not in measured else f"{measured[setting]:.2f}x" for setting in settings]
+        if check["reverted"] is not None:
+            then = f"revert {check['reverted']}"
+        else:
+            then = "keep the rest" if check is record.whole_model[-1] else "time every setting again"
         lines.append(f"| {number} | " + " | ".join(cells) + f" | {then} |")
     return "\n".join(lines) + "\n"
 

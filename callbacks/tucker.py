@@ -390,16 +390,22 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     checks = report.get("whole_model") or []
     if checks:
         lines += ["", "Whole-model checks (original -> decomposed, median ms, speedup):", ""]
-        header = ["check"] + [f"{r['mode']} bs{r['batch_size']} t{r['threads']}" for r in checks[0]["rows"]]
-        header += ["then"]
+        settings = list(dict.fromkeys((r["mode"], r["batch_size"], r["threads"]) for c in checks for r in c["rows"]))
+        header = ["check"] + [f"{mode} bs{batch} t{threads}" for mode, batch, threads in settings] + ["then"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for number, check in enumerate(checks, 1):
+            measured = {(r["mode"], r["batch_size"], r["threads"]): r for r in check["rows"]}
             cells = [str(number)]
-            cells += [
-                f"{r['original']['median_s'] * 1e3:.2f} -> {r['factorized']['median_s'] * 1e3:.2f} ({r['speedup']:.2f}x)"
-                for r in check["rows"]
-            ]
-            cells.append("done" if check["reverted"] is None else f"revert {check['reverted']}")
+            for setting in settings:
+                r = measured.get(setting)
+                cells.append(
+                    "-" if r is None else f"{r['original']['median_s'] * 1e3:.2f} -> "
+                    f"{r['factorized']['median_s'] * 1e3:.2f} ({r['speedup']:.2f}x)"
+                )
+            if check["reverted"] is not None:
+                cells.append(f"revert {check['reverted']}")
+            else:
+                cells.append("done" if check is checks[-1] else "time every setting again")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -464,7 +464,7 @@ class ScriptedCheck(RuntimeCheck):
         self.slow_checks = slow_checks
         self.whole_model_calls = 0
 
-    def measure(self, original, factorized, input_shape):
+    def measure(self, original, factorized, input_shape, settings=None):
         if isinstance(original, TwoConvs):
             self.whole_model_calls += 1
             slow = self.whole_model_calls <= self.slow_checks
@@ -476,12 +476,13 @@ class ScriptedCheck(RuntimeCheck):
             {"batch_size": batch_size, "threads": 1, "mode": "inference", "original": stats,
              "factorized": {**stats, "median_s": 1e-3 / speedup}, "speedup": speedup}
             for batch_size, speedup in speedups.items()
+            if settings is None or (batch_size, 1, "inference") in settings
         ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "slow_checks, reverted, left",
-    [(0, [None], {"small", "large"}), (1, ["small", None], {"large"}), (5, ["small", "large"], set())],
+    [(0, [None], {"small", "large"}), (1, ["small", None, None], {"large"}), (5, ["small", "large"], set())],
 )
 def test_whole_model_check_reverts_the_layer_that_gained_least_where_the_model_was_slower(
     slow_checks, reverted, left
@@ -493,6 +494,9 @@ def test_whole_model_check_reverts_the_layer_that_gained_least_where_the_model_w
         example_inputs=torch.randn(1, 3, 12, 12),
     )  # fmt: skip
     assert [check["reverted"] for check in record.whole_model] == reverted
+    # After a revert only the setting that was slower is timed again; the last check times all.
+    timed = [{row["batch_size"] for row in check["rows"]} for check in record.whole_model]
+    assert timed == {0: [{1, 2}], 1: [{1, 2}, {2}, {1, 2}], 5: [{1, 2}, {2}]}[slow_checks]
     assert set(record.methods) == left
     rows = by_name(record)
     for name in {"small", "large"} - left:

@@ -57,7 +57,7 @@ import dataclasses
 import fnmatch
 import logging
 import math
-from typing import Any, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Collection, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -370,13 +370,20 @@ class RuntimeCheck:
                 f"`device` must be a torch device string such as 'cpu' or 'cuda:0', got {self.device!r}."
             ) from error
 
-    def measure(self, original: nn.Module, factorized: nn.Module, input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    def measure(
+        self,
+        original: nn.Module,
+        factorized: nn.Module,
+        input_shape: tuple[int, ...],
+        settings: Collection[tuple[int, int, str]] | None = None,
+    ) -> list[dict[str, Any]]:
         """Times both layers in every setting; one plain-data row per setting.
 
         Args:
             original: the dense layer.
             factorized: its replacement candidate.
             input_shape: the layer's input shape (any batch size; it is replaced).
+            settings: only these (batch size, threads in effect, mode) settings; None: all.
 
         Returns:
             Rows with `batch_size`, `threads`, `mode` ("inference" / "train"), `original` and
@@ -393,6 +400,8 @@ class RuntimeCheck:
                 for batch_size in self.batch_sizes:
                     x = torch.randn((batch_size, *input_shape[1:]), device=device, dtype=dtype)
                     for mode in modes:
+                        if settings is not None and (batch_size, active_threads, mode) not in settings:
+                            continue
                         stats: dict[str, LatencyStats] = {}
                         for _ in range(self.rounds):
                             for which, layer in (("original", original), ("factorized", factorized)):
@@ -559,8 +568,8 @@ def decompose_model(
         `macs_before`/`_after` (batch 1; None without `example_inputs`), `latency` (rows of
         `RuntimeCheck.measure`, [] when not runtime-aware), `decision` ("decomposed" / "kept") and
         `reason`. With a whole-model check, `record.whole_model` lists each check: `rows`
-        (`RuntimeCheck.measure` of the original vs the decomposed model) and `reverted` (the layer
-        put back after it, or None for the final check).
+        (`RuntimeCheck.measure` of the original vs the decomposed model, in every setting or in
+        those that were slower before) and `reverted` (the layer put back after it, or None).
 
     Raises:
         ValueError: for an empty or bad pattern, a pattern matching no decomposable layer (the
@@ -653,20 +662,30 @@ def _check_whole_model(
     example_inputs: torch.Tensor | tuple[Any, ...],
 ) -> list[dict[str, Any]]:
     """Times the decomposed model against `model`; reverts layers (in `replacements`, `report`)
-    until it is not slower in any setting. Returns the checks made (see `decompose_model`)."""
+    until it is not slower in any setting. Returns the checks made (see `decompose_model`).
+
+    After a revert only the settings that were slower are timed again (a whole-model train step
+    at a large batch costs seconds per call); once they pass, every setting is timed again, and
+    only a check of every setting ends the loop.
+    """
     inputs = example_inputs[0] if isinstance(example_inputs, tuple) else example_inputs
     original = copy.deepcopy(model)  # copies: train-mode timing moves BatchNorm statistics
-    checks = []
+    checks: list[dict[str, Any]] = []
+    pending: set[tuple[int, int, str]] | None = None  # None: every setting
     while replacements:
         decomposed = copy.deepcopy(model)
         for name, module in replacements.items():
             set_submodule(decomposed, name, copy.deepcopy(module))
-        rows = check.measure(original, decomposed, tuple(inputs.shape))
+        rows = check.measure(original, decomposed, tuple(inputs.shape), settings=pending)
         slowest = min(rows, key=lambda row: row["speedup"])
         if slowest["speedup"] >= 1.0:
             checks.append({"rows": rows, "reverted": None})
-            log.info("Tucker: the decomposed model is not slower in any setting (worst %.2fx).", slowest["speedup"])
-            break
+            if pending is None:
+                log.info("Tucker: the decomposed model is not slower in any setting (worst %.2fx).", slowest["speedup"])
+                break
+            pending = None
+            continue
+        pending = {(row["batch_size"], row["threads"], row["mode"]) for row in rows if row["speedup"] < 1.0}
         setting = (slowest["batch_size"], slowest["threads"], slowest["mode"])
         reverted = layer_to_revert({name: report[name]["latency"] for name in replacements}, setting)
         checks.append({"rows": rows, "reverted": reverted})
