@@ -23,8 +23,9 @@ this machine, on a short schedule:
    batches per epoch;
 4. every model (the dense baseline too) is measured the same way: MMACs (multiply-accumulates,
    the papers' "MFLOPs"), params, latency at batch 1 with `compresslight.profiling.profile`
-   (min and median; the machine is shared), top-1 on `--val_batches` test batches, and the
-   runtime model's prediction.
+   (after all fits, `--rounds` rounds in which the models alternate: median of the round
+   medians, and the min), top-1 on `--val_batches` test batches, and the runtime model's
+   prediction.
 
 It prints a Markdown table and writes results.json / results.md to `--out_dir`. The L steps here
 are short: from a trained baseline (`--baseline`, an `ImageClassifier` checkpoint) they mainly
@@ -40,6 +41,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_threads", type=int, default=None, help="torch threads while training")
     parser.add_argument("--grid_points", type=int, default=8)
     parser.add_argument("--iters", type=int, default=50, help="timed calls per latency measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating latency measurements of all models at the end")
     parser.add_argument("--evaluate", type=int, default=10, help="random rank configurations to check it on")
     parser.add_argument("--target", type=float, default=0.5, help="goal for R(r), fraction of the dense layers'")
     parser.add_argument("--costs", nargs="+", default=["runtime", "flops"], choices=["runtime", "flops", "storage"])
@@ -98,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script works")
     args = parser.parse_args(argv)
     if args.quick:
-        args.grid_points, args.iters, args.evaluate = 3, 5, 2
+        args.grid_points, args.iters, args.evaluate, args.rounds = 3, 5, 2, 1
         args.steps, args.finetune_epochs, args.train_batches, args.val_batches, args.batch_size = 2, 1, 2, 2, 16
     if not 0 < args.target <= 1:
         parser.error(f"--target must be in (0, 1], got {args.target}")
@@ -187,6 +190,32 @@ def measure(
         "latency_max_ms": latency.max_s * 1e3,
         "top1": float(top1),
     }
+
+
+def remeasure_side_by_side(
+    rows: list[dict[str, Any]], networks: dict[str, torch.nn.Module], args: argparse.Namespace
+) -> None:
+    """Replaces each row's latency by `--rounds` profiles of all models in alternation (median of
+    the per-round medians; min and max over all calls): one measurement right after each fit
+    is at the mercy of the load at that moment."""
+    medians: dict[str, list[float]] = {name: [] for name in networks}
+    minima: dict[str, list[float]] = {name: [] for name in networks}
+    maxima: dict[str, list[float]] = {name: [] for name in networks}
+    for _ in range(args.rounds):
+        for name, network in networks.items():
+            stats = profile(
+                network, INPUT_SHAPE, batch_sizes=(1,), threads=args.threads, iters=args.iters, train=False,
+                measure_memory=False, name=name,
+            ).latency_of("inference", 1).stats  # fmt: skip
+            medians[name].append(stats.median_s * 1e3)
+            minima[name].append(stats.min_s * 1e3)
+            maxima[name].append(stats.max_s * 1e3)
+    for row in rows:
+        name = row["name"]
+        row.update(
+            latency_median_ms=statistics.median(medians[name]), latency_min_ms=min(minima[name]),
+            latency_max_ms=max(maxima[name]), latency_round_medians_ms=medians[name],
+        )  # fmt: skip
 
 
 def run_lc(
@@ -284,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{**measure("dense baseline", baseline, datamodule, args), "lam": None,
              "predicted_ms": runtime_model.network_dense_s * 1e3, "factorized": 0}]  # fmt: skip
     runs = {}
+    networks = {"dense baseline": network}
     for cost in args.costs:
         model, lc, fit_s = run_lc(cost, lams[cost], runtime_path, datamodule, args)
         ranks = {name: None for name in names}
@@ -295,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
         rows.append(row)
         runs[cost] = row
+        networks[row["name"]] = model.model.eval()
+    remeasure_side_by_side(rows, networks, args)
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = (

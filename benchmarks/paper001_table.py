@@ -38,6 +38,7 @@ import argparse
 import copy
 import json
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ from compresslight.compression.quantization import (
 from compresslight.datamodules import CIFAR10DataModule
 from compresslight.profiling.counting import count_macs, count_parameters
 from compresslight.profiling.environment import cpu_model_name
+from compresslight.profiling.timing import LatencyStats
 
 log = logging.getLogger("paper001_table")
 
@@ -85,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128], help="latency batch sizes")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
     parser.add_argument("--iters", type=int, default=50, help="timed calls; the median is reported")
+    parser.add_argument("--rounds", type=int, default=3, help="latency rounds over all models; median of medians")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime); default: torch's")
     parser.add_argument("--device", default="cpu", help="where the PyTorch models are evaluated for accuracy")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here (and .json beside it)")
@@ -97,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.test_images = args.test_images or 256
         args.calibration_batches = min(args.calibration_batches, 2)
-        args.batch_sizes, args.warmup, args.iters = [1, 8], 1, 3
+        args.batch_sizes, args.warmup, args.iters, args.rounds = [1, 8], 1, 3, 1
     elif args.vgg16 is None or args.compact is None:
         parser.error("--vgg16 and --compact checkpoints are required (or --quick to check the script)")
     for name in ("vgg16", "compact", "compact_distill"):
@@ -125,6 +128,14 @@ def model_batches(datamodule: CIFAR10DataModule, split: str, device: torch.devic
             images, labels = images[: limit - seen], labels[: limit - seen]
         seen += len(labels)
         yield datamodule.transform_batch(images.to(device), train=False), labels.to(device)
+
+
+def median_over_rounds(stats: list[LatencyStats]) -> LatencyStats:
+    """Median of the rounds' medians; min and max over every call."""
+    return LatencyStats(
+        min_s=min(s.min_s for s in stats), median_s=statistics.median(s.median_s for s in stats),
+        max_s=max(s.max_s for s in stats), iters=sum(s.iters for s in stats),
+    )  # fmt: skip
 
 
 def state_dict_bytes(model: nn.Module, directory: Path) -> int:
@@ -174,9 +185,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     log.info("Measuring CPU latency (%d threads, batch sizes %s) ...", threads, args.batch_sizes)
     cpu_models = {name: copy.deepcopy(model).cpu().eval() for name, model in {**float_models, sim_name: simulated}.items()}
-    latency = measure_cpu_latency(
-        {**cpu_models, **ort_models}, INPUT_SHAPE, args.batch_sizes, warmup=args.warmup, iters=args.iters, threads=threads
-    )
+    # Several rounds, every model in each: on this VM one measurement of a model can be 50% off
+    # (measured: the two compact rows, one architecture, 3.29 vs 5.08 ms in a single round).
+    rounds = [
+        measure_cpu_latency(
+            {**cpu_models, **ort_models}, INPUT_SHAPE, args.batch_sizes, warmup=args.warmup, iters=args.iters,
+            threads=threads,
+        )  # fmt: skip
+        for _ in range(args.rounds)
+    ]
+    latency = {
+        name: {batch: median_over_rounds([r[name][batch] for r in rounds]) for batch in args.batch_sizes}
+        for name in rounds[0]
+    }
 
     example = torch.zeros(1, *INPUT_SHAPE)
     rows = [
@@ -235,8 +256,9 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, threads: i
         "",
         f"CIFAR-10 test set ({test_images} images); {args.bits}-bit "
         f"{'per-channel' if args.per_channel else 'per-tensor'} min/max quantization calibrated on "
-        f"{args.calibration_batches} training batches of 128; CPU latency: median of {args.iters} calls after "
-        f"{args.warmup} warm-up, {threads} threads ({cpu_model_name()}); MACs at batch 1; sizes: torch.save of "
+        f"{args.calibration_batches} training batches of 128; CPU latency: median over {args.rounds} rounds (all models "
+        f"in each) of the median of {args.iters} calls after {args.warmup} warm-up, {threads} threads "
+        f"({cpu_model_name()}); MACs at batch 1; sizes: torch.save of "
         "the state dict, or the .onnx file, in MiB as paper 001's \"MB\"." + (" QUICK RUN: untrained models, not results." if args.quick else ""),
         "",
         "Paper 001, Table V (for reference):",

@@ -13,8 +13,8 @@ checkpoint, decomposes it twice, and compares both with the baseline:
 
 It prints the ranks chosen, params, MACs, theoretical speedup (FLOPs ratio), observed speedup for
 inference and the train step at each batch size and thread count (`compresslight.profiling.profile`
-and `compare`: 5 warm-up + 50 timed calls, median), validation top-1 right after decomposition
-(no fine-tuning), and the decomposition time of ResNet18 (ours, and a plain SVD-based VBMF +
+and `compare`: 5 warm-up + 50 timed calls, median; then the median over `--rounds` rounds in which
+the models alternate), validation top-1 right after decomposition (no fine-tuning), and the decomposition time of ResNet18 (ours, and a plain SVD-based VBMF +
 tensorly HOOI as a reference).
 
     python benchmarks/tucker_speedup.py --ckpt runs/resnet20_quick/version_0/checkpoints/last.ckpt
@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import time
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -41,6 +43,7 @@ from compresslight.classifier import ImageClassifier
 from compresslight.compression.tucker import RuntimeCheck, TuckerRecord, decompose_model
 from compresslight.compression.vbmf import estimate_rank
 from compresslight.profiling import ModelProfile, SpeedupReport, compare, num_threads, profile, speedup_markdown
+from compresslight.profiling.timing import LatencyStats
 from compresslight.registry import create_model
 
 CIFAR_SHAPE = (3, 32, 32)
@@ -70,17 +73,38 @@ def decompose(model: nn.Module, runtime_check: RuntimeCheck | None) -> tuple[nn.
 def profile_all(
     models: dict[str, nn.Module], args: argparse.Namespace, loads: list[float]
 ) -> dict[int, dict[str, ModelProfile]]:
-    """threads -> model name -> profile; models alternate within each thread setting."""
-    profiles: dict[int, dict[str, ModelProfile]] = {}
-    for threads in args.threads:
-        profiles[threads] = {}
-        for name, model in models.items():
-            profiles[threads][name] = profile(
-                model, CIFAR_SHAPE, batch_sizes=args.batch_sizes, device=args.device, threads=threads,
-                warmup=args.warmup, iters=args.iters, measure_memory=False, name=name,
-            )  # fmt: skip
-            loads.append(os.getloadavg()[0])
-    return profiles
+    """threads -> model name -> profile, over `args.rounds` rounds in which the models alternate.
+
+    On this VM two consecutive measurements of one model differ by up to ~20% (see the profiler
+    fidelity table in the README), so one profile per model cannot tell 0.95x from 1.05x; each
+    latency is the median over rounds of the per-round medians.
+    """
+    rounds: dict[int, dict[str, list[ModelProfile]]] = {t: {name: [] for name in models} for t in args.threads}
+    for _ in range(args.rounds):
+        for threads in args.threads:
+            for name, model in models.items():
+                rounds[threads][name].append(
+                    profile(
+                        model, CIFAR_SHAPE, batch_sizes=args.batch_sizes, device=args.device, threads=threads,
+                        warmup=args.warmup, iters=args.iters, measure_memory=False, name=name,
+                    )  # fmt: skip
+                )
+                loads.append(os.getloadavg()[0])
+    return {t: {name: median_profile(profiles) for name, profiles in by_name.items()} for t, by_name in rounds.items()}
+
+
+def median_profile(profiles: list[ModelProfile]) -> ModelProfile:
+    """The first profile with each latency replaced by the median over `profiles` of its median
+    (min / max: over all rounds)."""
+    entries = []
+    for index, entry in enumerate(profiles[0].latency):
+        same = [p.latency[index].stats for p in profiles]
+        stats = LatencyStats(
+            min_s=min(s.min_s for s in same), median_s=statistics.median(s.median_s for s in same),
+            max_s=max(s.max_s for s in same), iters=sum(s.iters for s in same),
+        )  # fmt: skip
+        entries.append(dataclasses.replace(entry, stats=stats, images_per_s=entry.batch_size / stats.median_s))
+    return dataclasses.replace(profiles[0], latency=entries)
 
 
 def top1(model: nn.Module, args: argparse.Namespace) -> float | None:
@@ -224,8 +248,8 @@ def run(args: argparse.Namespace) -> None:
         print("| " + " | ".join(cells) + " |", flush=True)
     print("\nPaper 000 (ResNet20, Tucker VBMF): 272K -> 25K params, theoretical speedup 8.73, 79.35% after 100 "
           "epochs of fine-tuning; observed 0.51-1.48.\n")
-    print("## Observed speedup (baseline latency / decomposed latency, median of "
-          f"{args.iters} after {args.warmup} warm-up)\n")
+    print("## Observed speedup (baseline latency / decomposed latency; each latency the median over "
+          f"{args.rounds} alternating rounds of the median of {args.iters} calls after {args.warmup} warm-up)\n")
     print(speedup_markdown([report for name in records for report in reports[name]]))
 
     resnet18 = create_model("resnet18", num_classes=1000)
@@ -262,6 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--warmup", type=int, default=5, help="profile(): untimed calls (paper 000: 5)")
     parser.add_argument("--iters", type=int, default=50, help="profile(): timed calls (paper 000: 50)")
+    parser.add_argument("--rounds", type=int, default=3, help="profiles per model, alternating; median taken")
     parser.add_argument("--margin", type=float, default=0.05, help="runtime-aware: speedup a layer must reach")
     parser.add_argument("--check-warmup", type=int, default=3)
     parser.add_argument("--check-iters", type=int, default=20)
@@ -276,7 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--ckpt is required (a trained ResNet20; VBMF on random weights finds rank ~1), or pass --quick")
     if args.quick:
         args.batch_sizes = [1, 8]
-        args.warmup, args.iters = 1, 3
+        args.warmup, args.iters, args.rounds = 1, 3, 1
         args.check_warmup, args.check_iters, args.check_rounds = 1, 2, 1
         args.eval_batches = 1 if args.eval_batches is None else args.eval_batches
     return args

@@ -13,7 +13,9 @@ weights are trained.
 Beyond paper 000, which found its Tucker-VBMF ResNet20 0.51x *slower* than the baseline on a GPU
 at batch 1 while FLOPs promised 8.73x, `runtime_aware: true` times every factorized layer against
 the original on the device (batch sizes, thread counts, inference and train step) and keeps the
-original wherever the factorization is not faster by `margin` in every setting.
+original wherever the factorization is not faster by `margin` in every setting; then (`whole_model`)
+it times the whole decomposed model against the original the same way and puts layers back while
+it is slower in any setting.
 
 What it writes (rank 0):
 
