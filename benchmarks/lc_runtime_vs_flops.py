@@ -64,6 +64,7 @@ from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import RuntimeModel
 from compresslight.datamodules import CIFAR10DataModule
 from compresslight.profiling import profile
+from compresslight.profiling.counting import count_macs, count_parameters
 
 log = logging.getLogger("lc_runtime_vs_flops")
 
@@ -169,13 +170,9 @@ def build_classifier(args: argparse.Namespace) -> ImageClassifier:
 def measure(
     name: str, model: ImageClassifier, datamodule: CIFAR10DataModule, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """MMACs, params, latency at batch 1 (this CPU, `--threads`) and top-1 of one model."""
+    """MMACs, params and top-1 of one model (latency: `remeasure_side_by_side`, after all fits)."""
     network = model.model.eval()
-    result = profile(
-        network, INPUT_SHAPE, batch_sizes=(1,), threads=args.threads, iters=args.iters, train=False,
-        measure_memory=False, name=name,
-    )  # fmt: skip
-    latency = result.latency_of("inference", 1).stats
+    macs = count_macs(network, torch.zeros(1, *INPUT_SHAPE))[0]
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=args.val_batches, enable_checkpointing=False,
@@ -183,11 +180,8 @@ def measure(
     top1 = trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/top1"]
     return {
         "name": name,
-        "mmacs": result.macs / 1e6,
-        "params_m": result.params.total / 1e6,
-        "latency_median_ms": latency.median_s * 1e3,
-        "latency_min_ms": latency.min_s * 1e3,
-        "latency_max_ms": latency.max_s * 1e3,
+        "mmacs": macs / 1e6,
+        "params_m": count_parameters(network).total / 1e6,
         "top1": float(top1),
     }
 
