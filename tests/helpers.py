@@ -1,5 +1,9 @@
 """Small builders shared by the tests: tiny data, a tiny Trainer, a tiny classifier."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -33,3 +37,21 @@ def classifier(**kwargs) -> ImageClassifier:
     options = dict(arch="resnet20", num_classes=4, input_shape=INPUT_SHAPE, lr=0.05)
     options.update(kwargs)
     return ImageClassifier(**options)
+
+
+def run_ddp_script(tmp_path: Path, script_text: str, *args: str, timeout: int = 300) -> list[dict]:
+    """Runs a 2-process DDP script (it launches its own ranks) in a fresh interpreter and returns
+    the `rank0.json`, `rank1.json` reports it wrote to `tmp_path`, its first argument.
+
+    A subprocess because a DDP launch inside pytest would fork the test runner itself.
+    """
+    script = tmp_path / "ddp_script.py"
+    script.write_text(script_text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

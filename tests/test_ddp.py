@@ -7,10 +7,6 @@ per extra rank, which needs a real script file (not `python -c`) and keeps pytes
 """
 
 import hashlib
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,7 +15,7 @@ import torch
 from torch import nn
 
 from compresslight.classifier import ImageClassifier
-from helpers import INPUT_SHAPE
+from helpers import INPUT_SHAPE, run_ddp_script
 
 TESTS_DIR = Path(__file__).parent
 
@@ -101,17 +97,7 @@ def conv_widths(module: nn.Module) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("prune_epoch", [1, 0], ids=["mid_fit", "one_shot"])
 def test_ddp_pruning_ranks_agree_optimizer_steps_and_checkpoint_reloads(tmp_path, prune_epoch):
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT.format(tests_dir=str(TESTS_DIR)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(prune_epoch)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    reports = run_ddp_script(tmp_path, DDP_SCRIPT.format(tests_dir=str(TESTS_DIR)), str(prune_epoch), timeout=240)
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["world_size"] == 2 for r in reports)
     # The edit happened, identically, on both ranks.

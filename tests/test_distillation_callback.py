@@ -3,10 +3,6 @@
 the LightningModule, a teacher for other classes is refused, and the "self" teacher is the
 uncompressed model next to a PruningCallback."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -20,7 +16,7 @@ from compresslight.callbacks.distillation import DistillationCallback
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.distillation import distillation_loss
-from helpers import classifier, tiny_loaders, tiny_trainer
+from helpers import classifier, run_ddp_script, tiny_loaders, tiny_trainer
 
 TESTS_DIR = Path(__file__).parent
 
@@ -223,16 +219,7 @@ DDP_DISTILL_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_ddp_each_rank_has_its_own_frozen_teacher_and_ranks_agree(tmp_path, teacher_ckpt):
-    script = tmp_path / "ddp_distill.py"
-    script.write_text(DDP_DISTILL_SCRIPT.format(tests_dir=str(TESTS_DIR)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(teacher_ckpt)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    reports = run_ddp_script(tmp_path, DDP_DISTILL_SCRIPT.format(tests_dir=str(TESTS_DIR)), str(teacher_ckpt))
     assert all(r["ddp_wraps_student_only"] and r["teacher_in_eval"] and r["logged"] for r in reports)
     assert reports[0]["student"] == reports[1]["student"]  # gradients of the distillation loss were all-reduced
     assert reports[0]["teacher"] == reports[1]["teacher"]  # and no rank's teacher moved

@@ -4,9 +4,6 @@ measured on the fly or loaded (and refused when measured elsewhere), bad input."
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from compresslight.compression.lc import FlopsCost, LowRankLC, c_step_layer, cho
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import RuntimeModel
 from compresslight.registry import create_model
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
 
 TESTS_DIR = Path(__file__).parent
 
@@ -357,15 +354,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_on_runtime_model_c_steps_and_factorized_weights(tmp_path):
-    script = tmp_path / "ddp_lc.py"
-    script.write_text(DDP_SCRIPT.format(tests_dir=str(TESTS_DIR)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    reports = run_ddp_script(tmp_path, DDP_SCRIPT.format(tests_dir=str(TESTS_DIR)))
     assert reports[0]["history"] == reports[1]["history"] and len(reports[0]["history"]) == 2
     assert reports[0]["ranks"] and reports[0]["ranks"] == reports[1]["ranks"]
     assert reports[0]["hash"] == reports[1]["hash"]

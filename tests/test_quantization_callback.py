@@ -3,7 +3,6 @@ test start (float vs simulated accuracy, batches through the datamodule's transf
 model reloaded in a new process, QAT in the last epochs with a checkpoint that reloads, and bad input."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from compresslight.evaluation import evaluate_top1
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.quantization import ActivationQuantizer, FakeQuantConv2d
 from compresslight.datamodules.base import VisionDataModule
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
 
 TESTS_DIR = Path(__file__).parent
 FAST = dict(calibration_batches=2, int8=False, latency_batch_sizes=[])
@@ -292,15 +291,7 @@ DDP_QAT_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_ddp_qat_quantizes_on_every_rank_and_checkpoint_reloads(tmp_path):
-    script = tmp_path / "ddp_qat.py"
-    script.write_text(DDP_QAT_SCRIPT.format(tests_dir=str(TESTS_DIR)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    reports = run_ddp_script(tmp_path, DDP_QAT_SCRIPT.format(tests_dir=str(TESTS_DIR)))
     # Rank 1 rebuilt the fake-quant layers from rank 0's record and quantized too.
     assert all(r["quantizing"] for r in reports)
     assert all(r["records"] == ["fake_quant"] for r in reports)

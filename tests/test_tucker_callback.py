@@ -4,7 +4,6 @@ bad input."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from torch import nn
 from compresslight.callbacks.tucker import TuckerVBMFCallback
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.tucker import SVDSplit, TuckerConv2d, TuckerRecord
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
 
 TESTS_DIR = Path(__file__).parent
 
@@ -388,16 +387,7 @@ DDP_SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # two processes under DDP
 @pytest.mark.parametrize("epoch", [1, 0], ids=["mid_fit", "one_shot"])
 def test_ddp_ranks_end_with_rank_zeros_decomposition(tmp_path, epoch):
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT.format(tests_dir=str(TESTS_DIR)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(epoch)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    reports = run_ddp_script(tmp_path, DDP_SCRIPT.format(tests_dir=str(TESTS_DIR)), str(epoch))
     assert reports[0]["types"] == reports[1]["types"]
     assert all(r["records"] == 1 and r["optimizer_holds_module_params"] for r in reports)
     assert reports[0]["hash_after_edit"] == reports[1]["hash_after_edit"]
