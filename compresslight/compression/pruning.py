@@ -374,6 +374,8 @@ def prune_filters(
             pruning_ratio_dict=pruning_ratio_dict,
             ignored_layers=[*ignored, *output_modules],
             round_to=round_to,
+            # torch-pruning's default roots include nn.LSTM, whose hidden units records cannot replay.
+            root_module_types=list(_ROOT_TYPES),
         )
     record = _prune_and_record(pruner, structure.names)
     if not global_pruning:
@@ -441,6 +443,7 @@ def _match_ignored(model: nn.Module, patterns: Sequence[str]) -> list[nn.Module]
 
 def _analyze(model: nn.Module, inputs: ExampleInputs, ignored: Sequence[nn.Module]) -> _Structure:
     """Traces `model` once and reads its prunable groups and output layers off the graph."""
+    _check_recurrent_layers(model, inputs, ignored)
     with torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
     names = {module: name for name, module in model.named_modules()}
@@ -547,8 +550,8 @@ def _prune_and_record(pruner: tp.pruner.BasePruner, names: Mapping[nn.Module, st
     original_out: dict[str, int] = {}
     original_in: dict[str, int] = {}
     for group in pruner.step(interactive=True):
+        _check_replayable(group, names, graph)
         for item in group.items:
-            _check_replayable(item.dep.target, names)
             module = item.dep.target.module
             name = names.get(module)
             if name is None or not item.idxs:
@@ -580,23 +583,120 @@ def _prune_and_record(pruner: tp.pruner.BasePruner, names: Mapping[nn.Module, st
     )
 
 
-def _check_replayable(target: tp.dependency.Node, names: Mapping[nn.Module, str]) -> None:
-    """Refuses (on the copy, before `model` is edited) a change that records cannot replay."""
-    if target.type == tp_ops.OPTYPE.PARAMETER:
+def _check_replayable(group: tp.dependency.Group, names: Mapping[nn.Module, str], graph: tp.DependencyGraph) -> None:
+    """Refuses (on the copy, before `model` is edited) a group that records cannot replay.
+
+    The fix named in the message depends on the side: a layer whose *outputs* would shrink (a
+    LayerNorm in a ViT's residual stream) can be ignored itself; one whose *inputs* would shrink
+    (an LSTM after a conv) only by ignoring a layer of the group (ignoring the LSTM leaves the
+    conv's group as it is). Ignoring the group's root keeps the whole group's channels.
+    """
+    root = names.get(group.items[0].dep.target.module, "?")
+    outputs: dict[str, str] = {}  # layer name -> description
+    inputs: dict[str, str] = {}
+    for item in group.items:
+        target = item.dep.target
+        if target.type == tp_ops.OPTYPE.PARAMETER:
+            raise ValueError(
+                f"Pruning the channels of {root!r} would change the bare parameter {target.name!r}, which pruning "
+                f"records cannot replay; wrap it in a module or add {root!r} to `ignored_layers`."
+            )
+        module = target.module
+        if module not in names or not item.idxs:
+            continue  # torch-pruning's placeholders for adds, reshapes, ...
+        kind = tp_ops.module2type(module)
+        grouped = isinstance(module, nn.modules.conv._ConvNd) and kind == tp_ops.OPTYPE.CONV and module.groups > 1
+        is_output = graph.is_out_channel_pruning_fn(item.dep.handler)
+        if kind not in _REPLAYABLE_KINDS or grouped:
+            described = f"{names[module]!r} ({type(module).__name__}{', grouped' if grouped else ''})"
+            (outputs if is_output else inputs)[names[module]] = described
+        elif is_output and isinstance(module, nn.Linear):
+            _check_not_split_into_heads(module, names[module], graph)
+    if outputs or inputs:
+        changed = [f"the output channels of {', '.join(outputs.values())}"] if outputs else []
+        changed += [f"the input channels of {', '.join(inputs.values())}"] if inputs else []
+        fix = f"add {root!r} to `ignored_layers` (it keeps the channels of every layer coupled to it)"
+        if outputs and not inputs:
+            fix += f", or the layers {list(outputs)}"
         raise ValueError(
-            f"Pruning would change the bare parameter {target.name!r}, which pruning records cannot replay; "
-            "wrap it in a module or add its layer to `ignored_layers`."
+            f"Pruning the channels of {root!r} would change {' and '.join(changed)}, which pruning records "
+            f"cannot replay; {fix}."
         )
-    module = target.module
-    if module not in names:
-        return  # torch-pruning's placeholders for adds, reshapes, ...
-    kind = tp_ops.module2type(module)
-    grouped = isinstance(module, nn.modules.conv._ConvNd) and kind == tp_ops.OPTYPE.CONV and module.groups > 1
-    if kind not in _REPLAYABLE_KINDS or grouped:
+
+
+def _check_not_split_into_heads(module: nn.Linear, name: str, graph: tp.DependencyGraph) -> None:
+    """Refuses pruning a linear whose output is reshaped next, as attention's q/k/v projections are.
+
+    Removing single channels there regroups the heads (4 heads of 8 become 3 of the wrong width, or
+    a shape error), and the attention module's head count is a plain attribute records cannot
+    change. torch-pruning can prune whole heads (`num_heads`), but only with that attribute edited
+    by model-specific code; ignoring the projection keeps the heads whole and prunes the rest.
+    """
+    node = graph.module2node.get(module)
+    if node is not None and any(isinstance(out.module, tp_ops._ReshapeOp) for out in node.outputs):
         raise ValueError(
-            f"Pruning would change layer {names[module]!r} ({type(module).__name__}{', grouped' if grouped else ''}), "
-            "which pruning records cannot replay; add it (or the layer feeding it) to `ignored_layers`."
+            f"Pruning would remove output channels of layer {name!r} (Linear), whose output is reshaped next "
+            "(e.g. split into attention heads): that regroups the heads, and pruning records cannot change the "
+            f"attention module's head count. Add {name!r} (and the other q/k/v projections) to `ignored_layers`; "
+            "the rest of the model (e.g. the MLP hidden layers) is still pruned."
         )
+
+
+def _check_recurrent_layers(model: nn.Module, inputs: ExampleInputs, ignored: Sequence[nn.Module]) -> None:
+    """Refuses, before tracing, GRU / RNN layers fed by a prunable layer.
+
+    torch-pruning traces nn.LSTM, but not nn.GRU or nn.RNN: a conv feeding one makes its
+    dependency graph fail with a bare `IndexError`. The conv (or linear) feeding the recurrent
+    layer must keep its channels; those are found by walking the autograd graph back from the
+    recurrent layer's input to the nearest conv / linear output.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    # Ignoring the recurrent layer itself does not help: the failure is in its feeder's group.
+    recurrent = [m for m in names if isinstance(m, (nn.GRU, nn.RNN))]
+    if not recurrent:
+        return
+    produced_by: dict[Any, str] = {}  # grad_fn of a conv / linear output -> layer name
+    feeders: dict[str, list[str]] = {}
+    handles = []
+
+    def record_output(module: nn.Module, _: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            produced_by[output.grad_fn] = names[module]
+
+    def find_feeders(module: nn.Module, args: tuple[Any, ...]) -> None:
+        stack = [a.grad_fn for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None]
+        found, seen = [], set()
+        while stack:
+            function = stack.pop()
+            if function is None or function in seen:
+                continue
+            seen.add(function)
+            if function in produced_by:
+                found.append(produced_by[function])
+            else:
+                stack.extend(next_function for next_function, _ in function.next_functions)
+        feeders[names[module]] = sorted(set(found))
+
+    for module in names:
+        if isinstance(module, _ROOT_TYPES):
+            handles.append(module.register_forward_hook(record_output))
+        elif module in recurrent:
+            handles.append(module.register_forward_pre_hook(find_feeders))
+    try:
+        with torch.enable_grad():
+            model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ignored_names = {names[m] for m in ignored if m in names}
+    for rnn_name, layers in feeders.items():
+        missing = [layer for layer in layers if layer not in ignored_names]
+        if missing:
+            rnn = model.get_submodule(rnn_name)
+            raise ValueError(
+                f"Layer {rnn_name!r} ({type(rnn).__name__}) is a recurrent layer torch-pruning cannot trace, fed by "
+                f"{missing}: those must keep their output channels. Add {missing} to `ignored_layers`."
+            )
 
 
 def _check_plan(plans: Sequence[_GroupPlan], by_name: Mapping[str, nn.Module]) -> None:
