@@ -32,7 +32,7 @@ from typing_extensions import override
 from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.pruning import (
     make_pruning_permanent,
-    prunable_layers,
+    prunable_groups,
     prune_filters,
     prune_unstructured,
     sparsity,
@@ -172,26 +172,38 @@ class PruningCallback(StructuralCompressionCallback):
         self.completed_epochs.append(epoch)
 
     def _final_ratios(self, target: nn.Module, inputs: torch.Tensor) -> dict[str, tuple[int, float]]:
-        """Each prunable layer's original width and final ratio (last matching pattern wins,
-        then `amount`).
+        """Each coupled group's root: its original width and the group's final ratio (last
+        matching pattern wins, then `amount`).
+
+        One ratio per group, as `prune_filters` applies them: per-layer ratios of the current
+        widths would differ between coupled layers of different widths.
 
         Raises:
-            ValueError: for a pattern that matches no prunable layer.
+            ValueError: for a pattern that matches no prunable layer, or two different ratios on
+                the layers of one coupled group.
         """
-        prunable = prunable_layers(target, inputs, self.ignored_layers)
+        groups = prunable_groups(target, inputs, self.ignored_layers)
+        prunable = [name for group in groups for name in group]
         for pattern in self.ratios:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in prunable):
                 raise ValueError(f"`ratios` pattern {pattern!r} matches no prunable layer; prunable layers: {prunable}.")
         layers = dict(target.named_modules())
         final = {}
-        for name in prunable:
-            ratio = self.amount or 0.0
-            for pattern, pattern_ratio in self.ratios.items():
-                if fnmatch.fnmatchcase(name, pattern):
-                    ratio = pattern_ratio
+        for group in groups:
+            given = {}
+            for name in group:
+                for pattern, pattern_ratio in self.ratios.items():
+                    if fnmatch.fnmatchcase(name, pattern):
+                        given[name] = pattern_ratio
+            if len(set(given.values())) > 1:
+                raise ValueError(
+                    f"Layers {group} are coupled (they share channels, e.g. through a residual add) and must be "
+                    f"pruned together, but `ratios` gives them different ratios {given}."
+                )
+            ratio = next(iter(given.values())) if given else (self.amount or 0.0)
             if ratio > 0:
-                layer = layers[name]
-                final[name] = (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels, ratio)
+                root = layers[group[0]]
+                final[group[0]] = (root.out_features if isinstance(root, nn.Linear) else root.out_channels, ratio)
         return final
 
     def _step_ratios(self, target: nn.Module, goal: float) -> dict[str, float]:

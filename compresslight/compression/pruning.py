@@ -48,6 +48,7 @@ __all__ = [
     "SensitivityRow",
     "channel_summary",
     "make_pruning_permanent",
+    "prunable_groups",
     "prunable_layers",
     "prune_filters",
     "prune_unstructured",
@@ -260,6 +261,29 @@ def prunable_layers(
     work = _traceable_copy(model)
     ignored = _match_ignored(work, ignored_layers)
     return _analyze(work, _inputs_on(work, example_inputs), ignored).prunable
+
+
+def prunable_groups(
+    model: nn.Module, example_inputs: ExampleInputs, ignored_layers: Sequence[str] = ()
+) -> list[list[str]]:
+    """The prunable layers by coupled group, each group's root first (the layer whose width a
+    ratio counts, as torch-pruning computes it).
+
+    Schedules that turn one target into per-step ratios (`PruningCallback`) give one ratio per
+    group, keyed by its root: per-layer ratios would differ between coupled layers of different
+    widths (two 8-channel branches concatenated into a 16-channel residual add).
+
+    Raises:
+        ValueError: for an `ignored_layers` pattern that matches no module.
+    """
+    work = _traceable_copy(model)
+    structure = _analyze(work, _inputs_on(work, example_inputs), _match_ignored(work, ignored_layers))
+    groups = []
+    for root, members in structure.groups:
+        root_name = structure.names[root]
+        others = [structure.names[m] for m in members if isinstance(m, _ROOT_TYPES) and m is not root]
+        groups.append([root_name, *others])
+    return groups
 
 
 def prune_filters(
