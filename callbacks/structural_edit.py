@@ -331,10 +331,11 @@ def _structure_summary(module: nn.Module, example_inputs: torch.Tensor) -> dict[
 @dataclasses.dataclass
 class OptimizerSnapshot:
     """Optimizer state by parameter *name* (parameter objects do not survive an edit), plus the
-    LR schedulers' states and each param group's current lr."""
+    LR schedulers' states and each param group's current hyperparameters (lr, and the momentum /
+    betas that schedules such as OneCycleLR cycle too)."""
 
     states: list[dict[str, dict[str, Any]]]
-    group_lrs: list[list[float]]
+    group_hyperparameters: list[list[dict[str, Any]]]
     scheduler_states: list[dict[str, Any]]
 
     @classmethod
@@ -350,9 +351,12 @@ class OptimizerSnapshot:
                     if id(param) in names and param in optimizer.state
                 }
             )
-        group_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in trainer.optimizers]
+        group_hyperparameters = [
+            [copy.deepcopy({key: value for key, value in group.items() if key != "params"}) for group in optimizer.param_groups]
+            for optimizer in trainer.optimizers
+        ]
         scheduler_states = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
-        return cls(states=states, group_lrs=group_lrs, scheduler_states=scheduler_states)
+        return cls(states=states, group_hyperparameters=group_hyperparameters, scheduler_states=scheduler_states)
 
 
 def rebuild_optimizers(
@@ -362,7 +366,7 @@ def rebuild_optimizers(
 
     Re-wraps the model under DDP, calls `configure_optimizers` again, carries each surviving
     parameter's state (sliced with the record's kept indices where its shape shrank) and
-    restores the LR schedulers' position and the optimizers' current lr. A stale optimizer would
+    restores the LR schedulers' position and the param groups' current hyperparameters. A stale optimizer would
     keep stepping the removed tensors and silently never update the new ones.
     """
     strategy = trainer.strategy
@@ -386,11 +390,17 @@ def rebuild_optimizers(
                         optimizer.state[param] = carried
     for config, state in zip(trainer.lr_scheduler_configs, snapshot.scheduler_states):
         config.scheduler.load_state_dict(state)
-    # A scheduler's state_dict does not carry the optimizer's current lr: without this the
-    # schedule silently restarts from the initial lr.
-    for optimizer, lrs in zip(trainer.optimizers, snapshot.group_lrs):
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
+    # A scheduler's state_dict does not carry what it set on the param groups: without this the
+    # next step would use the initial lr, and under OneCycleLR the initial momentum / Adam betas.
+    for optimizer, groups in zip(trainer.optimizers, snapshot.group_hyperparameters):
+        if len(groups) != len(optimizer.param_groups):
+            log.warning(
+                "configure_optimizers returned %d param groups after the edit, %d before: hyperparameters not "
+                "restored (the schedule restarts from its initial values).", len(optimizer.param_groups), len(groups),
+            )  # fmt: skip
+            continue
+        for group, hyperparameters in zip(optimizer.param_groups, groups):
+            group.update(hyperparameters)
 
 
 def _carry_state(old_state: dict[str, Any], param: torch.Tensor, kept: dict[int, list[int]]) -> dict[str, Any]:

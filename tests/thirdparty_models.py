@@ -25,7 +25,7 @@ class ModelOutput(collections.OrderedDict):
             if value is not None:
                 self[field.name] = value
 
-    def __getitem__(self, key):  # noqa: ANN001 - HF indexes by name or by position
+    def __getitem__(self, key):
         if isinstance(key, str):
             return super().__getitem__(key)
         return tuple(self.values())[key]
@@ -48,7 +48,7 @@ class HFStyleClassifier(nn.Module):
         self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
         self.classifier = nn.Linear(8, num_classes)
 
-    def forward(self, pixel_values: torch.Tensor):  # noqa: ANN201 - the output type is the point
+    def forward(self, pixel_values: torch.Tensor):
         logits = self.classifier(F.adaptive_avg_pool2d(F.relu(self.conv(pixel_values)), 1).flatten(1))
         if self.returns == "tuple":
             return (logits,)

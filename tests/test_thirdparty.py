@@ -1,0 +1,144 @@
+"""Models built the way third-party libraries build them (`thirdparty_models`): each case works, or
+fails before anything is edited or trained with an error naming the layer and the fix."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from compresslight.callbacks.pruning import PruningCallback
+from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from thirdparty_models import ConcatResidual, ConvRNN, TinyViT
+from torch import nn
+
+from compresslight.compression.pruning import prune_filters
+
+
+def example_batch() -> torch.Tensor:
+    return torch.randn(2, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+# --- pruning ---------------------------------------------------------------------------------
+
+
+def test_vit_layer_norms_are_refused_with_the_group_and_both_fixes():
+    model = TinyViT()
+    before = weight_shapes(model)
+    with pytest.raises(ValueError, match=r"output channels of 'norm' \(LayerNorm\).*add '.*' to `ignored_layers`.*"
+                       r"or the layers \['norm', 'norm2', 'norm1'\]"):  # fmt: skip
+        prune_filters(model, 0.25, example_inputs=example_batch())
+    assert weight_shapes(model) == before
+
+
+def test_vit_attention_heads_are_never_regrouped():
+    model = TinyViT()
+    before = weight_shapes(model)
+    with pytest.raises(ValueError, match=r"'attn\.qkv' \(Linear\), whose output is reshaped next.*attention heads.*"
+                       r"Add 'attn\.qkv'"):  # fmt: skip
+        prune_filters(model, 0.25, example_inputs=example_batch(), ignored_layers=["norm*"])
+    assert weight_shapes(model) == before
+
+
+def test_vit_following_the_advice_prunes_the_mlp_and_keeps_the_heads():
+    model, x = TinyViT(), example_batch()
+    record = prune_filters(model, 0.25, example_inputs=x, ignored_layers=["norm*", "attn.qkv"])
+    assert record.layer_names == ["mlp.0", "mlp.2"]
+    assert model.mlp[0].out_features == 48 and model.attn.qkv.out_features == 96
+    fresh = TinyViT()
+    record.apply(fresh)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("ignored", [[], ["rnn"]])
+def test_gru_after_a_conv_names_the_feeding_conv(ignored):
+    model = ConvRNN(rnn="gru")
+    with pytest.raises(ValueError, match=r"'rnn' \(GRU\) is a recurrent layer torch-pruning cannot trace, fed by "
+                       r"\['conv'\].*Add \['conv'\] to `ignored_layers`"):  # fmt: skip
+        prune_filters(model, 0.25, example_inputs=example_batch(), ignored_layers=ignored)
+
+
+@pytest.mark.parametrize("rnn", ["gru", "lstm"])
+def test_recurrent_layer_with_its_feeder_ignored_prunes_nothing_else_and_runs(rnn):
+    model, x = ConvRNN(rnn=rnn), example_batch()
+    record = prune_filters(model, 0.25, example_inputs=x, ignored_layers=["conv"])
+    assert record.layer_names == []  # conv feeds the RNN, fc is the output: nothing else to prune
+    assert model(x).shape == (2, 4)
+
+
+def test_lstm_message_names_the_feeding_layer_not_the_lstm():
+    with pytest.raises(ValueError, match=r"Pruning the channels of 'conv' would change the input channels of 'rnn' "
+                       r"\(LSTM\).*add 'conv' to `ignored_layers`"):  # fmt: skip
+        prune_filters(ConvRNN(rnn="lstm"), 0.25, example_inputs=example_batch(), ignored_layers=["rnn"])
+
+
+@pytest.mark.parametrize("epochs", [[0], [0, 1]])
+def test_callback_amount_on_a_concat_feeding_a_residual_add_prunes_like_prune_filters(tmp_path, epochs):
+    expected = ConcatResidual()
+    prune_filters(expected, 0.25, example_inputs=torch.zeros(1, *INPUT_SHAPE))
+    model = classifier(arch=ConcatResidual())
+    callback = PruningCallback(amount=0.25, epochs=epochs)
+    tiny_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, *tiny_loaders())
+    assert model.model.conv.out_channels == expected.conv.out_channels == 12
+    # The two branches share the 12 kept channels; which branch keeps more depends on the weights.
+    assert model.model.branch_a.out_channels + model.model.branch_b.out_channels == 12
+    assert len(model.compression_records) == len(epochs)
+
+
+def test_callback_two_ratios_on_one_coupled_group_name_the_group(tmp_path):
+    callback = PruningCallback(ratios={"conv": 0.25, "branch_*": 0.5})
+    with pytest.raises(ValueError, match=r"Layers \['conv', 'branch_a', 'branch_b'\]|coupled.*different ratios"):
+        tiny_trainer(tmp_path, callbacks=[callback]).fit(classifier(arch=ConcatResidual()), *tiny_loaders())
+
+
+# --- the optimizer rebuild keeps what schedulers set on the param groups --------------------
+
+
+class AdamOneCycle(pl.LightningModule):
+    """A user's module: Adam under OneCycleLR, which cycles betas[0] with the lr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = ConcatResidual()
+        self.example_input_array = torch.zeros(1, *INPUT_SHAPE)
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        return nn.functional.cross_entropy(self.model(images), targets)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class GroupRecorder(pl.Callback):
+    """Records param group 0 at the start of epoch 1 (before the edit, when placed before the
+    pruning callback) and at its first batch (after the edit, before any optimizer step)."""
+
+    def __init__(self) -> None:
+        self.before: dict = {}
+        self.after: dict = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            self.before = {k: v for k, v in trainer.optimizers[0].param_groups[0].items() if k != "params"}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 0:
+            self.after = {k: v for k, v in trainer.optimizers[0].param_groups[0].items() if k != "params"}
+
+
+@pytest.mark.parametrize("module_factory, key", [(AdamOneCycle, "betas"), (None, "momentum")])
+def test_rebuild_after_an_edit_keeps_onecycle_momentum_and_betas(tmp_path, module_factory, key):
+    module = module_factory() if module_factory else classifier(lr_schedule="onecycle")
+    recorder = GroupRecorder()
+    pruning = PruningCallback(amount=0.25, epochs=[1])
+    tiny_trainer(tmp_path, callbacks=[recorder, pruning]).fit(module, tiny_loaders()[0])
+    assert len(pruning.records) == 1
+    initial = (0.95, 0.999) if key == "betas" else 0.95  # OneCycleLR's max_momentum starts the cycle
+    assert recorder.before[key] != initial  # the cycle moved it during epoch 0 ...
+    assert recorder.after[key] == recorder.before[key]  # ... and the rebuild kept it
+    assert recorder.after["lr"] == recorder.before["lr"]
