@@ -4,12 +4,12 @@ fails before anything is edited or trained with an error naming the layer and th
 import pytest
 import pytorch_lightning as pl
 import torch
-from compresslight.callbacks.pruning import PruningCallback
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
-from thirdparty_models import ConcatResidual, ConvRNN, TinyViT
 from torch import nn
 
+from compresslight.callbacks.pruning import PruningCallback
 from compresslight.compression.pruning import prune_filters
+from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from thirdparty_models import ConcatResidual, ConvRNN, TinyViT
 
 
 def example_batch() -> torch.Tensor:
