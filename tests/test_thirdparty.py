@@ -1,15 +1,20 @@
 """Models built the way third-party libraries build them (`thirdparty_models`): each case works, or
 fails before anything is edited or trained with an error naming the layer and the fix."""
 
+import re
+
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from compresslight.callbacks.profile import ProfileCallback
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.compression.pruning import prune_filters
+from compresslight.profiling.profiler import profile
+from compresslight.profiling.results import INFERENCE, TRAIN
 from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
-from thirdparty_models import ConcatResidual, ConvRNN, TinyViT
+from thirdparty_models import BatchNorm1dHead, ConcatResidual, ConvRNN, TinyViT
 
 
 def example_batch() -> torch.Tensor:
@@ -142,3 +147,31 @@ def test_rebuild_after_an_edit_keeps_onecycle_momentum_and_betas(tmp_path, modul
     assert recorder.before[key] != initial  # the cycle moved it during epoch 0 ...
     assert recorder.after[key] == recorder.before[key]  # ... and the rebuild kept it
     assert recorder.after["lr"] == recorder.before["lr"]
+
+
+# --- the profiler's train step and BatchNorm at batch size 1 --------------------------------
+
+
+def one_by_one_feature_map() -> nn.Module:
+    """MobileNetV2 at 32x32 in small: the last stage's BatchNorm2d sees a 1x1 map."""
+    return nn.Sequential(nn.Conv2d(3, 8, 16, stride=16), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize(
+    "factory, layer",
+    [(BatchNorm1dHead, r"'head\.1' \(BatchNorm1d\)"), (one_by_one_feature_map, r"'1' \(BatchNorm2d\)")],
+)
+def test_profile_skips_the_train_step_only_where_batch_norm_sees_one_value_per_channel(caplog, factory, layer):
+    model = factory()
+    result = profile(model, INPUT_SHAPE, batch_sizes=(1, 2), warmup=0, iters=1)
+    assert {(entry.mode, entry.batch_size) for entry in result.latency} == {(INFERENCE, 1), (INFERENCE, 2), (TRAIN, 2)}
+    assert [m.train_total_bytes is None for m in result.memory] == [True, False]
+    assert re.search(layer + r" gets one value per channel.*batch size >= 2", caplog.text)
+    assert model.training  # left as found
+
+
+def test_profile_callback_default_batch_size_runs_on_a_batch_norm_head(tmp_path):
+    callback = ProfileCallback(warmup=0, iters=1, threads=1)
+    tiny_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(classifier(arch=BatchNorm1dHead()), *tiny_loaders())
+    assert [entry.mode for entry in callback.baseline[0].latency] == [INFERENCE]
+    assert [entry.mode for entry in callback.latest[0].latency] == [INFERENCE]

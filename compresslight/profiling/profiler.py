@@ -96,7 +96,10 @@ def profile(
         latency: list[LatencyEntry] = []
         for batch_size in sizes:
             batch = make_input(batch_size)
-            loss_fn = _loss_fn(model, batch, generator) if do_train else None
+            blocker = _train_mode_batch_norm_blocker(model, batch) if do_train else None
+            if blocker is not None:
+                log.warning("%s: no train-step measurements at batch size %d: %s", name, batch_size, blocker)
+            loss_fn = _loss_fn(model, batch, generator) if do_train and blocker is None else None
             memory.append(_memory_profile(model, batch, loss_fn, params, target_device, measure_memory))
             for backend in backends:
                 latency.append(
@@ -162,6 +165,39 @@ def _has_trainable_parameters(model: nn.Module, name: str) -> bool:
         return True
     log.warning("%s has no trainable parameters; skipping the train-step measurements.", name)
     return False
+
+
+def _train_mode_batch_norm_blocker(model: nn.Module, batch: torch.Tensor) -> str | None:
+    """Why a train step cannot run at this batch size, or None.
+
+    A train-mode BatchNorm refuses one value per channel (a `BatchNorm1d` head at batch 1, or a
+    1x1 feature map at batch 1 as MobileNetV2's last stage at 32x32). Found by an eval-mode
+    forward with hooks, which moves no running statistic; the caller skips the train step there
+    (inference is still measured) instead of crashing the fit it profiles.
+    """
+    found: list[str] = []
+
+    def check(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if not found and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() // max(x.shape[1], 1) <= 1:
+            found.append(
+                f"BatchNorm layer {names[module]!r} ({type(module).__name__}) gets one value per channel "
+                f"(input shape {tuple(x.shape)}), which torch refuses in train mode; measure the train step at "
+                "a batch size >= 2 (`batch_sizes`)."
+            )
+
+    names = {module: name for name, module in model.named_modules()}
+    handles = [m.register_forward_pre_hook(check) for m in names if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not handles:
+        return None
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 def _logits(output: Any) -> torch.Tensor:
