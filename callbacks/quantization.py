@@ -69,7 +69,7 @@ from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from torch import nn
 from typing_extensions import override
 
-from compresslight.callbacks.structural_edit import StructuralCompressionCallback
+from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.quantization import (
     DEFAULT_QAT_AVERAGING_CONSTANT,
     MAX_BITS,
@@ -86,7 +86,7 @@ from compresslight.compression.quantization import (
     strip_fake_quant,
 )
 from compresslight.compression.record import CompressionRecord
-from compresslight.evaluation import evaluate_top1
+from compresslight.evaluation import LogitsOutput, evaluate_top1, logits_of
 from compresslight.profiling.timing import LatencyStats, measure_latency, num_threads
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ class QuantizationCallback(StructuralCompressionCallback):
         # `trainer.log_dir` broadcasts under DDP: resolve it where every rank runs.
         self._log_dir = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
         target = self.target_module(pl_module)
+        _check_logits_output(trainer, pl_module, target)
         if self.int8 and not self.allow_float_layers:
             # Fail before training, not after it: the int8 export would refuse these at fit end.
             left_float = float_only_layers(target)
@@ -287,6 +288,8 @@ class QuantizationCallback(StructuralCompressionCallback):
             sim_model = target if qat else quantize_model_simulated(
                 target, calibration_batches=calibration, bits=bits, per_channel=self.per_channel
             ).eval()
+            # A model returning a ModelOutput / tuple / dict is read, exported and timed by its logits.
+            float_model, sim_model = LogitsOutput(float_model).eval(), LogitsOutput(sim_model).eval()
             models: dict[str, nn.Module] = {"float": float_model, f"sim{bits}": sim_model}
             results: dict[str, float] = {}
             input_shape = tuple(calibration[0].shape[1:])
@@ -486,6 +489,32 @@ def _restored(module: nn.Module) -> Iterator[None]:
         module.to(device)
         for submodule, was_training in training.items():
             submodule.training = was_training
+
+
+def _check_logits_output(trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module) -> None:
+    """Fails before training if the report at its end could not read logits from `target`'s output.
+
+    One eval-mode forward at batch 1 (no running statistic moves); skipped when there are no
+    example inputs to run it on.
+    """
+    try:
+        inputs = find_example_inputs(trainer, pl_module)[:1]
+    except ValueError:
+        return
+    was_training = target.training
+    target.eval()
+    try:
+        with torch.no_grad():
+            output = target(inputs)
+    finally:
+        target.train(was_training)
+    try:
+        logits_of(output)
+    except TypeError as error:
+        raise ValueError(
+            f"QuantizationCallback evaluates {type(target).__name__} by its logits: {error} Return logits from "
+            "`forward`, or set `module_path` to a submodule that does."
+        ) from None
 
 
 def _has_fake_quant(module: nn.Module) -> bool:

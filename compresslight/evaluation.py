@@ -1,4 +1,5 @@
-"""Accuracy of models on batches: the one top-1 loop the commands, callbacks and benchmarks share."""
+"""Accuracy of models on batches: the one top-1 loop the commands, callbacks and benchmarks share,
+and the one way to read logits from a model's output (`logits_of`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,39 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: a tensor, the `logits` of a dict or of a Hugging Face
+    `ModelOutput`, or the first element of a tuple / list (HF's `return_dict=False`).
+
+    Raises:
+        TypeError: for any other output, naming what was found.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        keys = f" with keys {list(output)}" if isinstance(output, Mapping) else ""
+        raise TypeError(
+            "The model's output must be logits: a tensor, a tuple / list starting with them, or a dict / "
+            f"ModelOutput with a `logits` entry; got {type(output).__name__}{keys}."
+        )
+    return logits
+
+
+class LogitsOutput(nn.Module):
+    """`model` with its output reduced to the logits (`logits_of`): what ONNX export, int8
+    quantization and latency loops need from a model returning a `ModelOutput`, tuple or dict."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(inputs))
 
 
 def evaluate_top1(
@@ -30,7 +64,7 @@ def evaluate_top1(
     with torch.inference_mode():
         for images, targets in batches:
             for name, model in models.items():
-                predictions = model(images).argmax(dim=-1)
+                predictions = logits_of(model(images)).argmax(dim=-1)
                 correct[name] += int((predictions == targets.to(predictions.device)).sum())
             total += len(targets)
     if total == 0:

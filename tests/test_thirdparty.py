@@ -1,6 +1,7 @@
 """Models built the way third-party libraries build them (`thirdparty_models`): each case works, or
 fails before anything is edited or trained with an error naming the layer and the fix."""
 
+import copy
 import re
 
 import pytest
@@ -10,11 +11,13 @@ from torch import nn
 
 from compresslight.callbacks.profile import ProfileCallback
 from compresslight.callbacks.pruning import PruningCallback
+from compresslight.callbacks.quantization import QuantizationCallback
 from compresslight.compression.pruning import prune_filters
 from compresslight.profiling.profiler import profile
 from compresslight.profiling.results import INFERENCE, TRAIN
 from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
-from thirdparty_models import BatchNorm1dHead, ConcatResidual, ConvRNN, TinyViT
+from compresslight.evaluation import logits_of
+from thirdparty_models import BatchNorm1dHead, ConcatResidual, ConvRNN, HFStyleClassifier, TinyViT
 
 
 def example_batch() -> torch.Tensor:
@@ -175,3 +178,77 @@ def test_profile_callback_default_batch_size_runs_on_a_batch_norm_head(tmp_path)
     tiny_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(classifier(arch=BatchNorm1dHead()), *tiny_loaders())
     assert [entry.mode for entry in callback.baseline[0].latency] == [INFERENCE]
     assert [entry.mode for entry in callback.latest[0].latency] == [INFERENCE]
+
+
+# --- models returning a ModelOutput, a tuple or a dict: the quantization report -------------
+
+
+class HFUserModule(pl.LightningModule):
+    """A user's module around a Hugging Face-style model: it reads `.logits` itself."""
+
+    def __init__(self, returns: str) -> None:
+        super().__init__()
+        self.model = HFStyleClassifier(returns=returns)
+        self.example_input_array = torch.zeros(1, *INPUT_SHAPE)
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        return nn.functional.cross_entropy(logits_of(self.model(images)), targets)
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def check_report_reads_logits(tmp_path, returns: str, int8: bool) -> dict[str, float]:
+    module = HFUserModule(returns)
+    callback = QuantizationCallback(
+        calibration_batches=2, int8=int8, latency_batch_sizes=[2], latency_warmup=0, latency_iters=1
+    )
+    train, val = tiny_loaders()
+    tiny_trainer(tmp_path, max_epochs=1, callbacks=[callback], limit_val_batches=1.0).fit(module, train, val)
+    with torch.no_grad():
+        correct = sum(int(logits_of(module.model(x)).argmax(-1).eq(y).sum()) for x, y in val)
+    assert callback.results["quant/val_top1_float"] == pytest.approx(correct / len(val.dataset))
+    assert 0 <= callback.results["quant/val_top1_sim8"] <= 1
+    assert callback.results["quant/latency_ms/torch_float/bs2"] > 0
+    return callback.results
+
+
+@pytest.mark.parametrize("returns", ["model_output", "tuple", "dict"])
+def test_quantization_report_reads_logits_from_model_outputs(tmp_path, returns):
+    check_report_reads_logits(tmp_path, returns, int8=False)
+
+
+@pytest.mark.slow
+def test_quantization_int8_export_of_a_model_output_model(tmp_path):
+    results = check_report_reads_logits(tmp_path, "model_output", int8=True)
+    assert 0 <= results["quant/val_top1_int8"] <= 1 and results["quant/latency_ms/ort_int8/bs2"] > 0
+
+
+def test_quantization_unreadable_output_fails_before_training(tmp_path):
+    module = HFUserModule("dict_without_logits")
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(ValueError, match=r"QuantizationCallback evaluates HFStyleClassifier by its logits: .*dict "
+                       r"with keys \['scores'\].*Return logits from `forward`, or set `module_path`"):  # fmt: skip
+        tiny_trainer(tmp_path, callbacks=[QuantizationCallback(int8=False)]).fit(module, tiny_loaders()[0])
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # not trained
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        (torch.ones(2, 3), "tensor"),
+        ({"logits": torch.ones(2, 3)}, "dict"),
+        ((torch.ones(2, 3), torch.zeros(1)), "tuple"),
+    ],
+)
+def test_logits_of_reads_each_output_kind(output, expected):
+    assert torch.equal(logits_of(output), torch.ones(2, 3)), expected
+
+
+def test_logits_of_names_what_it_found():
+    with pytest.raises(TypeError, match=r"got str\."):
+        logits_of("not logits")

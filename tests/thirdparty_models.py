@@ -54,6 +54,8 @@ class HFStyleClassifier(nn.Module):
             return (logits,)
         if self.returns == "dict":
             return {"logits": logits}
+        if self.returns == "dict_without_logits":
+            return {"scores": logits}
         return ImageClassifierOutput(logits=logits)
 
 

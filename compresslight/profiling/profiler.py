@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compresslight.evaluation import logits_of
 from compresslight.profiling import counting
 from compresslight.profiling.backends import onnxruntime_runner, validate_backends
 from compresslight.profiling.environment import collect_environment, resolve_device
@@ -201,12 +202,12 @@ def _train_mode_batch_norm_blocker(model: nn.Module, batch: torch.Tensor) -> str
 
 
 def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
+    with contextlib.suppress(TypeError):  # reported below, with the train step's own requirement
+        output = logits_of(output)
     if not isinstance(output, torch.Tensor) or output.dim() < 2:
         raise ValueError(
             "The train-step measurement needs `model(x)` to return logits of shape (N, C, ...) (or a tuple "
-            f"starting with them), got {type(output).__name__}"
+            f"starting with them, or a dict / ModelOutput with `logits`), got {type(output).__name__}"
             + (f" of shape {tuple(output.shape)}." if isinstance(output, torch.Tensor) else ".")
         )
     return output
