@@ -13,11 +13,21 @@ from compresslight.callbacks.profile import ProfileCallback
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.callbacks.quantization import QuantizationCallback
 from compresslight.compression.pruning import prune_filters
+from compresslight.compression.tucker import SVDSplit, TuckerConv2d, TuckerRecord, decompose_model
 from compresslight.profiling.profiler import profile
 from compresslight.profiling.results import INFERENCE, TRAIN
 from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
 from compresslight.evaluation import logits_of
-from thirdparty_models import BatchNorm1dHead, ConcatResidual, ConvRNN, HFStyleClassifier, TinyViT
+from thirdparty_models import (
+    BatchNorm1dHead,
+    ConcatResidual,
+    ConvRNN,
+    HFMobileNetStyle,
+    HFStyleClassifier,
+    MobileNetV2ConvLayer,
+    SamePadNet,
+    TinyViT,
+)
 
 
 def example_batch() -> torch.Tensor:
@@ -252,3 +262,57 @@ def test_logits_of_reads_each_output_kind(output, expected):
 def test_logits_of_names_what_it_found():
     with pytest.raises(TypeError, match=r"got str\."):
         logits_of("not logits")
+
+
+# --- Tucker: conv subclasses with their own forward, parents reading the conv's attributes ---
+
+
+def test_tucker_keeps_a_same_padding_conv_subclass_and_says_why(caplog):
+    model, x = SamePadNet(), example_batch()
+    expected = model(x)
+    record = decompose_model(model, rank_method=0.5, skip_first_conv=False)
+    rows = {row["name"]: row for row in record.report}
+    assert rows["conv"]["decision"] == "kept" and "Conv2dSame overrides forward" in rows["conv"]["reason"]
+    assert rows["stem"]["decision"] == "decomposed"
+    assert type(model.conv).__name__ == "Conv2dSame" and "Conv2dSame overrides forward" in caplog.text
+    assert model(x).shape == expected.shape
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"layer_patterns": ["conv"], "rank_method": 0.5}, {"rank_method": {"conv": (4, 4)}}],
+)
+def test_tucker_naming_a_same_padding_conv_subclass_is_an_error(kwargs):
+    model = SamePadNet()
+    with pytest.raises(ValueError, match=r"names 'conv': Conv2dSame overrides forward.*leave it out of"):
+        decompose_model(model, **kwargs)
+    assert type(model.conv).__name__ == "Conv2dSame"
+
+
+def test_tucker_replacement_keeps_the_attributes_a_parent_reads():
+    model, x = HFMobileNetStyle(), example_batch()
+    model.eval()
+    expected = model(x)
+    record = decompose_model(model, rank_method=1.0, skip_first_conv=False, require_reduction=False)
+    assert isinstance(model.layer.convolution, TuckerConv2d)
+    conv = model.layer.convolution
+    assert (conv.kernel_size, conv.stride, conv.dilation, conv.in_channels, conv.out_channels) == (
+        (3, 3), (1, 1), (1, 1), 8, 16,
+    )  # fmt: skip
+    torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)  # full rank: the same function
+    fresh = HFMobileNetStyle().eval()
+    TuckerRecord.from_dict(record.to_dict()).apply(fresh)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_svd_split_of_a_strided_pointwise_conv_keeps_its_attributes():
+    layer, x = MobileNetV2ConvLayer(8, 16, 1, stride=2).eval(), torch.randn(2, 8, 9, 9)
+    expected = layer(x)
+    decompose_model(layer, rank_method=1.0, skip_first_conv=False, require_reduction=False)
+    conv = layer.convolution
+    assert isinstance(conv, SVDSplit)
+    assert (conv.kernel_size, conv.stride, conv.padding, conv.in_channels, conv.out_channels) == (
+        (1, 1), (2, 2), (0, 0), 8, 16,
+    )  # fmt: skip
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)

@@ -164,6 +164,40 @@ class TuckerConv2d(nn.Sequential):
         )
         self.ranks = TuckerRanks(out_rank, in_rank)
 
+    # The dense conv's attributes, read by parents that used to hold it (Hugging Face's
+    # MobileNetV2 pads its input from `conv.stride`, `kernel_size` and `dilation`).
+    @property
+    def in_channels(self) -> int:
+        return self.in_proj.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_proj.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.core.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.core.stride
+
+    @property
+    def padding(self) -> tuple[int, ...] | str:
+        return self.core.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.core.dilation
+
+    @property
+    def groups(self) -> int:
+        return 1
+
+    @property
+    def padding_mode(self) -> str:
+        return self.core.padding_mode
+
     @classmethod
     def structure_of(cls, conv: nn.Conv2d, ranks: tuple[int, int]) -> TuckerConv2d:
         """The factorized structure of `conv` at `ranks`, freshly initialized, on its device/dtype.
@@ -222,6 +256,43 @@ class SVDSplit(nn.Sequential):
         module = cls(collections.OrderedDict(split.named_children()))
         module.train(split.training)
         return module
+
+    # The dense layer's attributes, for parents that read them (as `TuckerConv2d`'s). A conv's
+    # split runs its width axis in `v` and its height axis in `u`.
+    @property
+    def in_features(self) -> int:
+        return self.v.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.u.out_features
+
+    @property
+    def in_channels(self) -> int:
+        return self.v.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.u.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self._conv_pair("kernel_size")
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self._conv_pair("stride")
+
+    @property
+    def padding(self) -> tuple[int, int] | str:
+        return self.v.padding if isinstance(self.v.padding, str) else self._conv_pair("padding")
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return self._conv_pair("dilation")
+
+    def _conv_pair(self, attribute: str) -> tuple[int, int]:
+        return (getattr(self.u, attribute)[0], getattr(self.v, attribute)[1])
 
 
 def tucker_decompose(conv: nn.Conv2d, ranks: tuple[int, int], n_iter_max: int = DEFAULT_HOOI_ITERS) -> TuckerConv2d:
@@ -593,7 +664,10 @@ def decompose_model(
         method = _method_for(layer)
         row["method"] = method
         reason = None
-        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        if _overrides_forward(layer):
+            reason = _OVERRIDES_FORWARD.format(kind=type(layer).__name__)
+            log.warning("Tucker: keeping %s: %s.", name, reason)
+        elif isinstance(layer, nn.Conv2d) and layer.groups != 1:
             reason = f"grouped conv (groups={layer.groups})"
         elif skip_first_conv and name == first_conv:
             reason = "first conv (skip_first_conv=True)"
@@ -762,9 +836,24 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_OVERRIDES_FORWARD = (
+    "{kind} overrides forward (e.g. TF 'same' padding computed from the input, as timm's Conv2dSame), which the "
+    "factorized layers would not reproduce"
+)
+
+
+def _overrides_forward(layer: nn.Module) -> bool:
+    """A conv / linear subclass with its own `forward`: its output is not `F.conv2d` / `F.linear`
+    of its attributes, so a factorization built from them would silently change the output."""
+    base = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+    return isinstance(layer, base) and type(layer).forward is not base.forward
+
+
 def _check_tuckerable(conv: nn.Module) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"`conv` must be nn.Conv2d, got {type(conv).__name__}.")
+    if _overrides_forward(conv):
+        raise ValueError(f"`conv` cannot be decomposed: {_OVERRIDES_FORWARD.format(kind=type(conv).__name__)}.")
     if conv.groups != 1:
         raise ValueError(f"`conv` must have groups=1 for a Tucker-2 decomposition, got groups={conv.groups}.")
 
@@ -914,6 +1003,11 @@ def _select_layers(model: nn.Module, layer_patterns: Sequence[str], include_line
     selected: set[str] = set()
     for pattern in layer_patterns:
         is_glob = any(c in pattern for c in "*?[")
+        if not is_glob and pattern in decomposable and _overrides_forward(decomposable[pattern]):
+            raise ValueError(
+                f"`layer_patterns` names {pattern!r}: {_OVERRIDES_FORWARD.format(kind=type(modules[pattern]).__name__)}"
+                "; leave it out of `layer_patterns` (or replace it with a plain nn.Conv2d with explicit padding)."
+            )
         if not is_glob and pattern in modules and pattern not in decomposable:
             module = modules[pattern]
             why = "a factor of an already decomposed layer" if pattern in inside else f"a {type(module).__name__}"
@@ -942,6 +1036,11 @@ def _explicit_layers(
         )
     for name, rank in ranks.items():
         layer = candidates[name]
+        if _overrides_forward(layer):
+            raise ValueError(
+                f"`rank_method` names {name!r}: {_OVERRIDES_FORWARD.format(kind=type(layer).__name__)}; leave it "
+                "out of `rank_method` (or replace it with a plain nn.Conv2d with explicit padding)."
+            )
         if name == first_conv:
             raise ValueError(
                 f"`rank_method` names {name!r}, the first conv, which skip_first_conv=True keeps; "
