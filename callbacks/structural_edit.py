@@ -352,8 +352,8 @@ class OptimizerSnapshot:
                 }
             )
         group_hyperparameters = [
-            [copy.deepcopy({key: value for key, value in group.items() if key != "params"}) for group in optimizer.param_groups]
-            for optimizer in trainer.optimizers
+            [copy.deepcopy({key: value for key, value in group.items() if key != "params"}) for group in o.param_groups]
+            for o in trainer.optimizers
         ]
         scheduler_states = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
         return cls(states=states, group_hyperparameters=group_hyperparameters, scheduler_states=scheduler_states)

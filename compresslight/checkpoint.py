@@ -5,17 +5,23 @@ them under `checkpoint["compression_records"]`; on any other LightningModule the
 callbacks keep them in their own callback state. `load_compressed_checkpoint` reads either,
 replays the edits on a freshly built module, then loads the weights: the one call a user needs
 outside a Trainer.
+
+`adapt_pretrained_weights` fits weights trained with another input-channel or class count (an
+ImageNet checkpoint for grayscale Steelpatch) to a model: `ImageClassifier(init_from=...)` uses it.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import torch
 from torch import nn
 
 from compresslight.compression.record import replay
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -75,3 +81,70 @@ def load_compressed_checkpoint(module: M, path: str | Path, strict: bool = True)
         replay(module, callback_records(checkpoint))
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module.eval()
+
+
+def adapt_pretrained_weights(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Fits pretrained weights to `model` when its input channels or classes differ, as timm does.
+
+    - The input conv (the model's first `nn.Conv2d`) with another input-channel count: timm's
+      `adapt_input_conv` rule. To 1 channel, the filters are summed over the input channels (a
+      gray image then gets the response the RGB filters give it as three equal channels); to any
+      other count, the filters are repeated and rescaled by old / new channels.
+    - The classifier (the model's last `nn.Linear`) with another output count: its weight and bias
+      are left out, so the model keeps its fresh initialization there.
+
+    Any other shape difference is left in the result for the caller's shape check to report.
+    Hand-written rather than imported: timm is not a dependency, and its rule is a few lines.
+
+    Args:
+        model: the model the weights are for (keys relative to it, as its `state_dict()`).
+        state_dict: the pretrained weights.
+
+    Returns:
+        The adapted weights, and one sentence per adaptation for the log.
+    """
+    own = model.state_dict()
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    adapted = dict(state_dict)
+    notes = []
+    if convs:
+        key = _key(convs[0], "weight")
+        found, wanted = adapted.get(key), own.get(key)
+        if found is not None and wanted is not None and found.dim() == 4 and found.shape[1] != wanted.shape[1]:
+            if found.shape[0] == wanted.shape[0] and found.shape[2:] == wanted.shape[2:]:
+                adapted[key] = _adapt_input_conv(found, wanted.shape[1])
+                rule = "sum of the filters" if wanted.shape[1] == 1 else "filters repeated and rescaled"
+                notes.append(
+                    f"input conv {convs[0]!r} adapted from {found.shape[1]} to {wanted.shape[1]} channels ({rule})"
+                )
+    if linears:
+        key = _key(linears[-1], "weight")
+        found, wanted = adapted.get(key), own.get(key)
+        if found is not None and wanted is not None and found.shape[0] != wanted.shape[0]:
+            if found.shape[1:] == wanted.shape[1:]:
+                adapted.pop(key)
+                adapted.pop(_key(linears[-1], "bias"), None)
+                notes.append(
+                    f"classifier {linears[-1]!r} reset: {found.shape[0]} classes in the checkpoint, "
+                    f"{wanted.shape[0]} here (freshly initialized)"
+                )
+    return adapted, notes
+
+
+def _key(module_name: str, tensor: str) -> str:
+    return f"{module_name}.{tensor}" if module_name else tensor
+
+
+def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """timm's `adapt_input_conv` rule, for any checkpoint channel count."""
+    dtype = weight.dtype
+    weight = weight.float()
+    if in_channels == 1:
+        weight = weight.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-in_channels // weight.shape[1])  # ceil
+        weight = weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
+    return weight.to(dtype)

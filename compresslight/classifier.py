@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from compresslight.checkpoint import RECORDS_KEY, read_checkpoint
+from compresslight.checkpoint import RECORDS_KEY, adapt_pretrained_weights, read_checkpoint
 from compresslight.compression.record import CompressionRecord, as_record, replay
 from compresslight.registry import create_model
 
@@ -49,6 +49,9 @@ class ImageClassifier(pl.LightningModule):
         gamma: LR factor for "multistep" and "exponential".
         init_from: a checkpoint to take weights (and structural edits) from before training: the
             papers' "compress a trained baseline, then fine-tune". Weights only; no optimizer state.
+            A plain state dict of the model works too (torchvision's ImageNet `resnet18` weights).
+            With another input-channel or class count, the input conv is adapted (grayscale: sum
+            of the RGB filters) and the classifier reset, as timm does; the log says so.
 
     Raises:
         ValueError: for an unknown architecture, hyperparameters out of range or an unreadable
@@ -189,13 +192,37 @@ class ImageClassifier(pl.LightningModule):
     def _init_from_checkpoint(self, path: str) -> None:
         if not Path(path).is_file():
             raise ValueError(f"`init_from` must be an existing checkpoint file, got {path!r} (no such file).")
-        checkpoint = read_checkpoint(path)
+        checkpoint = _read_init_checkpoint(path)
         self._check_architecture(checkpoint)
         self._replay_missing_records(checkpoint.get(RECORDS_KEY, []))
-        model_state = {key: value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")}
+        state = checkpoint["state_dict"]
+        model_state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+        if not set(model_state) & set(self.model.state_dict()):
+            raise ValueError(
+                f"`init_from` {path!r} holds no weight of this model: its keys are {list(state)[:4]}..., "
+                f"this model's are {['model.' + key for key in list(self.model.state_dict())[:4]]}...."
+            )
+        # Another input-channel or class count (an ImageNet checkpoint for grayscale Steelpatch):
+        # adapt the stem and reset the classifier, as timm does, rather than refuse.
+        model_state, notes = adapt_pretrained_weights(self.model, model_state)
+        for note in notes:
+            log.info("init_from %s: %s.", path, note)
+        model_state = {f"model.{key}": value for key, value in model_state.items()}
         _check_state_dict_shapes(self, model_state, source=f"`init_from` {path!r}")
         self.load_state_dict(model_state, strict=False)
         log.info("Initialized weights from %s (%d compression records).", path, len(self.compression_records))
+
+
+def _read_init_checkpoint(path: str) -> dict[str, Any]:
+    """A Lightning checkpoint, or a plain state dict of the model (torchvision's published
+    weights) wrapped as one."""
+    try:
+        return read_checkpoint(path)
+    except ValueError:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
+            return {"state_dict": {f"model.{key}": value for key, value in weights.items()}}
+        raise
 
 
 def _classification_metrics(num_classes: int, prefix: str) -> MetricCollection:

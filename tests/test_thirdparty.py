@@ -2,7 +2,10 @@
 fails before anything is edited or trained with an error naming the layer and the fix."""
 
 import copy
+import logging
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -12,10 +15,14 @@ from torch import nn
 from compresslight.callbacks.profile import ProfileCallback
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.callbacks.quantization import QuantizationCallback
+from compresslight.checkpoint import adapt_pretrained_weights
+from compresslight.classifier import ImageClassifier
+from compresslight.cli import build_from_config
 from compresslight.compression.pruning import prune_filters
 from compresslight.compression.tucker import SVDSplit, TuckerConv2d, TuckerRecord, decompose_model
 from compresslight.profiling.profiler import profile
 from compresslight.profiling.results import INFERENCE, TRAIN
+from compresslight.registry import create_model
 from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
 from compresslight.evaluation import logits_of
 from thirdparty_models import (
@@ -28,6 +35,9 @@ from thirdparty_models import (
     SamePadNet,
     TinyViT,
 )
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def example_batch() -> torch.Tensor:
@@ -316,3 +326,68 @@ def test_svd_split_of_a_strided_pointwise_conv_keeps_its_attributes():
         (1, 1), (2, 2), (0, 0), 8, 16,
     )  # fmt: skip
     torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
+# --- init_from with another input-channel or class count (ImageNet -> grayscale Steelpatch) --
+
+
+def save_lightning_style(module: ImageClassifier, path) -> None:
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+
+
+def test_init_from_adapts_rgb_stem_to_grayscale_and_resets_the_classifier(tmp_path, caplog):
+    source = classifier(num_classes=10)
+    save_lightning_style(source, tmp_path / "rgb10.ckpt")
+    with caplog.at_level(logging.INFO, logger="compresslight.classifier"):
+        model = classifier(num_classes=4, input_shape=(1, 16, 16), init_from=str(tmp_path / "rgb10.ckpt"))
+    assert "input conv 'conv1' adapted from 3 to 1 channels (sum of the filters)" in caplog.text
+    assert "classifier 'fc' reset: 10 classes in the checkpoint, 4 here" in caplog.text
+    gray = torch.randn(2, 1, 16, 16)
+    # A gray image gets the response the RGB filters give it as three equal channels.
+    torch.testing.assert_close(model.model.conv1(gray), source.model.conv1(gray.repeat(1, 3, 1, 1)))
+    torch.testing.assert_close(model.model.layer2[0].conv1.weight, source.model.layer2[0].conv1.weight)
+    assert model.model.fc.out_features == 4 and model(gray).shape == (2, 4)
+
+
+def test_init_from_a_plain_state_dict_repeats_and_rescales(tmp_path, caplog):
+    """A plain state dict, as torchvision publishes its ImageNet weights (keys of the model itself)."""
+    source = create_model("resnet20", num_classes=20)
+    torch.save(source.state_dict(), tmp_path / "plain.pth")
+    with caplog.at_level(logging.INFO, logger="compresslight.classifier"):
+        model = classifier(num_classes=4, input_shape=(2, 16, 16), init_from=str(tmp_path / "plain.pth"))
+    assert "adapted from 3 to 2 channels (filters repeated and rescaled)" in caplog.text
+    torch.testing.assert_close(model.model.conv1.weight, source.conv1.weight[:, :2] * 1.5)
+    torch.testing.assert_close(model.model.layer3[2].conv2.weight, source.layer3[2].conv2.weight)
+    assert model.model.fc.out_features == 4
+
+
+def test_init_from_a_file_with_none_of_the_models_weights_is_refused(tmp_path):
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"`init_from` .*other\.pth' holds no weight of this model"):
+        classifier(init_from=str(tmp_path / "other.pth"))
+
+
+def test_adapted_weights_leave_other_mismatches_to_the_shape_check():
+    model = create_model("resnet20", num_classes=4)
+    weights = {key: value.clone() for key, value in model.state_dict().items()}
+    weights["layer1.0.conv1.weight"] = torch.zeros(8, 16, 3, 3)
+    adapted, notes = adapt_pretrained_weights(model, weights)
+    assert notes == [] and adapted["layer1.0.conv1.weight"].shape == (8, 16, 3, 3)
+
+
+@pytest.mark.slow  # two full-size resnet18s (~4 s)
+def test_steelpatch_baseline_config_starts_from_rgb_imagenet_style_weights(tmp_path, monkeypatch, caplog):
+    """The config's `--model.init_from` with a 3-channel, 1000-class resnet18 state dict."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    imagenet_style = create_model("resnet18", num_classes=1000)
+    torch.save(imagenet_style.state_dict(), tmp_path / "resnet18_imagenet.pth")
+    config = REPO / "configs" / "resnet18_steelpatch_baseline.yaml"
+    with caplog.at_level(logging.INFO, logger="compresslight.classifier"):
+        model, datamodule, _ = build_from_config(
+            ["--config", str(config), "--data.num_classes", "6", "--model.init_from", "resnet18_imagenet.pth"]
+        )
+    assert "input conv 'conv1' adapted from 3 to 1 channels" in caplog.text
+    assert "classifier 'fc' reset: 1000 classes in the checkpoint, 6 here" in caplog.text
+    torch.testing.assert_close(model.model.conv1.weight, imagenet_style.conv1.weight.sum(1, keepdim=True))
+    assert datamodule.input_shape[0] == 1 and model.model.fc.out_features == 6
