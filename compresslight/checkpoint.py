@@ -48,6 +48,58 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(checkpoint, model weights) of an `ImageClassifier` checkpoint (its `model.*` weights, keys
+    relative to the model), or ({}, the weights) of a plain state dict of the model, as torchvision
+    publishes its ImageNet weights.
+
+    Raises:
+        FileNotFoundError: if `path` is not a file.
+        ValueError: if it is neither.
+    """
+    try:
+        checkpoint = read_checkpoint(path)
+    except ValueError:
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means "not weights"
+            raise ValueError(f"{str(path)!r} is neither a Lightning checkpoint nor a state dict: {error}") from None
+        if not (isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values())):
+            raise ValueError(f"{str(path)!r} is neither a Lightning checkpoint nor a state dict of tensors.") from None
+        return {}, dict(weights)
+    state = checkpoint["state_dict"]
+    return checkpoint, {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+
+
+def load_pretrained_weights(model: M, path: str | Path) -> M:
+    """Loads `read_model_weights(path)` into `model`, adapted by `adapt_pretrained_weights` (logged).
+
+    What `create_model(..., weights=path)` does; `ImageClassifier(init_from=path)` also replays
+    the checkpoint's compression records first.
+
+    Raises:
+        ValueError: if, after the adaptation, a tensor has another shape, the file has tensors the
+            model lacks, or the model has tensors the file lacks (other than a reset classifier).
+    """
+    _, weights = read_model_weights(path)
+    adapted, notes = adapt_pretrained_weights(model, weights)
+    reset = set(weights) - set(adapted)
+    own = model.state_dict()
+    problems = [
+        *(f"{key}: {tuple(value.shape)} in the file vs {tuple(own[key].shape)} here"
+          for key, value in adapted.items() if key in own and own[key].shape != value.shape),
+        *(f"{key}: not in the model" for key in adapted if key not in own),
+        *(f"{key}: not in the file" for key in own if key not in adapted and key not in reset),
+    ]  # fmt: skip
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise ValueError(f"The weights in {str(path)!r} do not fit {type(model).__name__}: {shown}.")
+    model.load_state_dict(adapted, strict=False)
+    for note in notes:
+        log.info("Weights from %s: %s.", path, note)
+    return model
+
+
 def callback_records(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
     """Every compression callback's records in a checkpoint, in the order they were applied."""
     records = [

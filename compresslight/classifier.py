@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from compresslight.checkpoint import RECORDS_KEY, adapt_pretrained_weights, read_checkpoint
+from compresslight.checkpoint import RECORDS_KEY, adapt_pretrained_weights, read_model_weights
 from compresslight.compression.record import CompressionRecord, as_record, replay
 from compresslight.registry import create_model
 
@@ -192,15 +192,14 @@ class ImageClassifier(pl.LightningModule):
     def _init_from_checkpoint(self, path: str) -> None:
         if not Path(path).is_file():
             raise ValueError(f"`init_from` must be an existing checkpoint file, got {path!r} (no such file).")
-        checkpoint = _read_init_checkpoint(path)
+        checkpoint, model_state = read_model_weights(path)
         self._check_architecture(checkpoint)
         self._replay_missing_records(checkpoint.get(RECORDS_KEY, []))
-        state = checkpoint["state_dict"]
-        model_state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
         if not set(model_state) & set(self.model.state_dict()):
+            found = list(checkpoint["state_dict"] if checkpoint else model_state)[:4]
             raise ValueError(
-                f"`init_from` {path!r} holds no weight of this model: its keys are {list(state)[:4]}..., "
-                f"this model's are {['model.' + key for key in list(self.model.state_dict())[:4]]}...."
+                f"`init_from` {path!r} holds no weight of this model: its keys are {found}..., "
+                f"this model's are {list(self.model.state_dict())[:4]}...."
             )
         # Another input-channel or class count (an ImageNet checkpoint for grayscale Steelpatch):
         # adapt the stem and reset the classifier, as timm does, rather than refuse.
@@ -211,18 +210,6 @@ class ImageClassifier(pl.LightningModule):
         _check_state_dict_shapes(self, model_state, source=f"`init_from` {path!r}")
         self.load_state_dict(model_state, strict=False)
         log.info("Initialized weights from %s (%d compression records).", path, len(self.compression_records))
-
-
-def _read_init_checkpoint(path: str) -> dict[str, Any]:
-    """A Lightning checkpoint, or a plain state dict of the model (torchvision's published
-    weights) wrapped as one."""
-    try:
-        return read_checkpoint(path)
-    except ValueError:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
-            return {"state_dict": {f"model.{key}": value for key, value in weights.items()}}
-        raise
 
 
 def _classification_metrics(num_classes: int, prefix: str) -> MetricCollection:

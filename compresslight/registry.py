@@ -35,16 +35,19 @@ def list_models() -> list[str]:
     return sorted(_MODEL_ENTRYPOINTS)
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, weights: str | None = None) -> nn.Module:
     """Builds the registered architecture `name`.
 
     Args:
         name: a name from `list_models()`.
         num_classes: outputs of the classifier head.
         in_channels: channels of the input images (3 for RGB, 1 for grayscale).
+        weights: a checkpoint or plain state dict to start from (`load_pretrained_weights`): with
+            other input channels or classes, the stem is adapted and the classifier reset (logged).
 
     Raises:
-        ValueError: for an unknown name (the message lists the known ones) or a count < 1.
+        ValueError: for an unknown name (the message lists the known ones), a count < 1 or
+            weights that do not fit.
     """
     _import_builtin_models()
     if name not in _MODEL_ENTRYPOINTS:
@@ -53,7 +56,14 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.M
         raise ValueError(f"`num_classes` must be >= 1, got {num_classes!r}.")
     if in_channels < 1:
         raise ValueError(f"`in_channels` must be >= 1, got {in_channels!r}.")
-    return _MODEL_ENTRYPOINTS[name](num_classes=num_classes, in_channels=in_channels)
+    model = _MODEL_ENTRYPOINTS[name](num_classes=num_classes, in_channels=in_channels)
+    if weights is not None:
+        # Imported here: `checkpoint` imports every compression module (seconds, torch-pruning,
+        # onnx), which `import compresslight` must not pay.
+        from compresslight.checkpoint import load_pretrained_weights
+
+        load_pretrained_weights(model, weights)
+    return model
 
 
 def _import_builtin_models() -> None:

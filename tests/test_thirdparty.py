@@ -375,6 +375,22 @@ def test_adapted_weights_leave_other_mismatches_to_the_shape_check():
     assert notes == [] and adapted["layer1.0.conv1.weight"].shape == (8, 16, 3, 3)
 
 
+def test_create_model_with_weights_adapts_like_init_from(tmp_path, caplog):
+    source = create_model("resnet20", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "rgb10.pth")
+    with caplog.at_level(logging.INFO, logger="compresslight.checkpoint"):
+        model = create_model("resnet20", num_classes=4, in_channels=1, weights=str(tmp_path / "rgb10.pth"))
+    assert "input conv 'conv1' adapted from 3 to 1 channels" in caplog.text and "classifier 'fc' reset" in caplog.text
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(model.layer3[2].bn2.running_var, source.layer3[2].bn2.running_var)
+
+
+def test_create_model_with_weights_of_another_architecture_names_the_tensors(tmp_path):
+    torch.save(create_model("resnet56").state_dict(), tmp_path / "resnet56.pth")
+    with pytest.raises(ValueError, match=r"do not fit CifarResNet: layer1\.3\.conv1\.weight: not in the model"):
+        create_model("resnet20", weights=str(tmp_path / "resnet56.pth"))
+
+
 @pytest.mark.slow  # two full-size resnet18s (~4 s)
 def test_steelpatch_baseline_config_starts_from_rgb_imagenet_style_weights(tmp_path, monkeypatch, caplog):
     """The config's `--model.init_from` with a 3-channel, 1000-class resnet18 state dict."""
