@@ -5,17 +5,27 @@ them under `checkpoint["compression_records"]`; on any other LightningModule the
 callbacks keep them in their own callback state. `load_compressed_checkpoint` reads either,
 replays the edits on a freshly built module, then loads the weights: the one call a user needs
 outside a Trainer.
+
+Every checkpoint is read with `torch.load(..., weights_only=True)`: unpickling a file from
+elsewhere can run arbitrary code, and everything compresslight writes into a checkpoint (tensors,
+plain hyperparameters, records as dicts) loads without that risk. `weights_only=False` is the
+explicit, logged opt-in for a file you trust that holds other objects.
 """
 
 from __future__ import annotations
 
+import logging
+import pickle
+import zipfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import torch
 from torch import nn
 
 from compresslight.compression.record import replay
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -25,21 +35,78 @@ RECORDS_KEY = "compression_records"
 EDIT_INDEX_KEY = "edit_index"
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a Lightning checkpoint on the CPU.
+def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:
+    """Loads a Lightning checkpoint on the CPU, running no code from the file.
+
+    Args:
+        path: the checkpoint file.
+        weights_only: keep True. False unpickles any object, which can run arbitrary code from the
+            file: only for a file you trust that holds objects other than tensors and plain data.
 
     Raises:
         FileNotFoundError: if `path` is not a file.
-        ValueError: if it is not a Lightning checkpoint.
+        ValueError: if it is truncated or corrupt, holds objects a weights-only load refuses, or is
+            not a Lightning checkpoint; the message names the file.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist.")
-    # Our Lightning checkpoints hold plain hyperparameters and records next to the tensors,
-    # which the weights-only unpickler rejects.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not weights_only:
+        warn_unsafe_load(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as error:
+        raise checkpoint_load_error(path, error) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict').")
     return checkpoint
+
+
+def warn_unsafe_load(path: str | Path | IO) -> None:
+    """Logs the opt-in to a full unpickling: it must never happen unnoticed."""
+    log.warning(
+        "Loading checkpoint %r with weights_only=False: unpickling it can run arbitrary code from the file. "
+        "Do this only for a file you trust.",
+        str(path),
+    )
+
+
+def checkpoint_load_error(path: str | Path | IO, error: Exception) -> Exception:
+    """The error to raise for a `torch.load` failure: the file named and the cause in words.
+
+    Returns `error` itself when it is not a load failure this knows (e.g. out of memory).
+    """
+    if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
+        return UnsafeCheckpointError(
+            f"Checkpoint {str(path)!r} holds objects that a weights-only load refuses ({_refused_object(error)}): "
+            "unpickling it could run code from the file, so it is not loaded. Checkpoints compresslight writes load "
+            "weights-only; if you trust this file, load it with `weights_only=False` (`read_checkpoint`, "
+            "`load_compressed_checkpoint`, `ImageClassifier.load_from_checkpoint`)."
+        )
+    truncated = (
+        isinstance(error, (EOFError, zipfile.BadZipFile, pickle.UnpicklingError))
+        or (isinstance(error, RuntimeError) and any(text in str(error) for text in _CORRUPT_ZIP_MESSAGES))
+    )  # fmt: skip
+    if truncated:
+        return ValueError(
+            f"Checkpoint {str(path)!r} is truncated or corrupt and cannot be read ({type(error).__name__}: "
+            f"{str(error).split('. ')[0] or 'no detail'}). Was its save interrupted "
+            "(disk full, killed process)? Use an earlier checkpoint."
+        )
+    return error
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint whose unpickling could run code: refused by the weights-only load."""
+
+
+# What torch's zip reader says about a file cut short or damaged.
+_CORRUPT_ZIP_MESSAGES = ("PytorchStreamReader", "zip archive", "failed finding central directory")
+
+
+def _refused_object(error: Exception) -> str:
+    """The line of torch's ~10-line refusal that names what it refused."""
+    lines = [line.strip() for line in str(error).splitlines() if "unsupported global" in line.lower()]
+    return lines[0].rstrip(".") if lines else "see torch.load's weights_only documentation"
 
 
 def callback_records(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
@@ -54,7 +121,7 @@ def callback_records(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: record.get(EDIT_INDEX_KEY, 0))
 
 
-def load_compressed_checkpoint(module: M, path: str | Path, strict: bool = True) -> M:
+def load_compressed_checkpoint(module: M, path: str | Path, strict: bool = True, weights_only: bool = True) -> M:
     """Loads a compressed checkpoint into a freshly built, uncompressed `module`.
 
     Works for `ImageClassifier` (records in the checkpoint) and for any other LightningModule
@@ -64,11 +131,12 @@ def load_compressed_checkpoint(module: M, path: str | Path, strict: bool = True)
         module: the module as its constructor builds it (the original architecture).
         path: the checkpoint file.
         strict: passed to `load_state_dict`.
+        weights_only: see `read_checkpoint`; False only for a file you trust.
 
     Returns:
         `module`, edited and loaded, in eval mode.
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, weights_only=weights_only)
     if hasattr(module, "compression_records") and hasattr(module, "on_load_checkpoint"):
         module.on_load_checkpoint(checkpoint)
     else:

@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from compresslight.checkpoint import RECORDS_KEY, read_checkpoint
+from compresslight.checkpoint import RECORDS_KEY, checkpoint_load_error, read_checkpoint, warn_unsafe_load
 from compresslight.compression.record import CompressionRecord, as_record, replay
 from compresslight.registry import create_model
 
@@ -147,6 +147,23 @@ class ImageClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # --- checkpoints hold the structural edits ---------------------------------------------
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, *args: Any, weights_only: bool = True, **kwargs: Any
+    ) -> ImageClassifier:
+        """Lightning's `load_from_checkpoint`, weights-only by default (unpickling runs no code from the
+        file; see `compresslight.checkpoint.read_checkpoint`), and with errors that name the file."""
+        if not weights_only:
+            warn_unsafe_load(checkpoint_path)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
+        except Exception as error:
+            explained = checkpoint_load_error(checkpoint_path, error)
+            if explained is error:
+                raise
+            raise explained from error
+
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
