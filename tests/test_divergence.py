@@ -1,0 +1,133 @@
+"""A diverging fit stops with a clear error in every compression callback, and the last good
+checkpoint survives: no NaN model is ever saved over it."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from compresslight.callbacks.distillation import DistillationCallback
+from compresslight.callbacks.lc import LCCallback
+from compresslight.callbacks.pruning import PruningCallback
+from compresslight.callbacks.quantization import QuantizationCallback
+from compresslight.callbacks.tucker import TuckerVBMFCallback
+from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+
+from compresslight.checkpoint import read_checkpoint
+from compresslight.divergence import TrainingDivergedError, nonfinite_tensors
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+class LearningRateSpike(Callback):
+    """From `epoch` on, every optimizer runs at `lr`: a real divergence, after good epochs."""
+
+    def __init__(self, epoch: int, lr: float = 1e30) -> None:
+        self.epoch = epoch
+        self.lr = lr
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch >= self.epoch:
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.lr
+
+
+class UserModule(pl.LightningModule):
+    """A user's own module; its training_step returns a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = tiny_net()
+        self.example_input_array = torch.zeros(1, *INPUT_SHAPE)
+
+    def forward(self, x):
+        return self.backbone(x)
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        return {"loss": F.cross_entropy(self(images), targets)}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+# Each compression callback, scheduled so that its work happens before the spike at epoch 2.
+CALLBACKS = {
+    "pruning": (lambda: classifier(arch=tiny_net()), lambda: PruningCallback(amount=0.25, epochs=[1])),
+    "tucker": (lambda: classifier(arch=tiny_net()), lambda: TuckerVBMFCallback(rank_method=0.5, epoch=1)),
+    "lc": (
+        lambda: classifier(arch=tiny_net()),
+        lambda: LCCallback(lam=1.0, cost="flops", mu_init=1e-2, steps=2, epochs_per_step=2),
+    ),
+    "quantization": (
+        lambda: classifier(arch=tiny_net()),
+        lambda: QuantizationCallback(qat_epochs=3, calibration_batches=2, int8=False, latency_batch_sizes=[]),
+    ),
+    "distillation": (lambda: classifier(arch=tiny_net()), lambda: DistillationCallback("self")),
+    "user_module": (UserModule, lambda: PruningCallback(amount=0.25, epochs=[1], module_path="backbone")),
+}
+
+
+def checkpointing(tmp_path):
+    # Lightning's default rotation: keep the newest epoch's file only, deleting the previous one.
+    return ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_last=True)
+
+
+@pytest.mark.parametrize("kind", list(CALLBACKS))
+def test_diverging_fit_stops_and_keeps_the_last_good_checkpoint(tmp_path, kind):
+    build, callback = CALLBACKS[kind]
+    trainer = tiny_trainer(
+        tmp_path, max_epochs=5, callbacks=[callback(), LearningRateSpike(epoch=2), checkpointing(tmp_path)]
+    )
+    with pytest.raises(
+        TrainingDivergedError, match=r"Training diverged: .* at epoch 2.*Lower the learning rate \(current lr: 1e\+30\)"
+    ):
+        trainer.fit(build(), *tiny_loaders())
+    saved = sorted(path.name for path in (tmp_path / "ckpt").iterdir())
+    assert saved == ["epoch=1.ckpt", "last.ckpt"]
+    for name in saved:
+        checkpoint = read_checkpoint(tmp_path / "ckpt" / name)
+        assert checkpoint["epoch"] == 1
+        assert nonfinite_tensors(checkpoint["state_dict"].items()) == []
+
+
+def test_lc_with_a_huge_lr_says_it_diverged_instead_of_failing_in_the_svd(tmp_path):
+    lc = LCCallback(lam=1.0, cost="flops", mu_init=1e-2, steps=2, epochs_per_step=1)
+    trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[lc, checkpointing(tmp_path)])
+    with pytest.raises(TrainingDivergedError, match=r"Training diverged: .*epoch 0.*LCCallback stopped the fit"):
+        trainer.fit(classifier(arch=tiny_net(), lr=1e30), *tiny_loaders())
+    assert lc.history == []  # no C step ran on diverged weights
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
+    model = classifier(arch=tiny_net())
+
+    def poison():
+        if model.current_epoch == 1:
+            with torch.no_grad():
+                model.model[0].weight[0, 0, 0, 0] = float("nan")
+
+    model.on_train_epoch_end = poison
+    trainer = tiny_trainer(
+        tmp_path, max_epochs=3, callbacks=[PruningCallback(amount=0.25, epochs=[2]), checkpointing(tmp_path)]
+    )
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"Refusing to save a checkpoint whose weights are not finite \(model\.0\.weight\) at epoch 1",
+    ):
+        trainer.fit(model, *tiny_loaders())
+    saved = sorted(path.name for path in (tmp_path / "ckpt").iterdir())
+    assert saved == ["epoch=0.ckpt", "last.ckpt"]
+    for name in saved:
+        checkpoint = read_checkpoint(tmp_path / "ckpt" / name)
+        assert checkpoint["epoch"] == 0
+        assert nonfinite_tensors(checkpoint["state_dict"].items()) == []
