@@ -121,6 +121,56 @@ def callback_records(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: record.get(EDIT_INDEX_KEY, 0))
 
 
+# The scheduler settings that fix a schedule's length: restored from a checkpoint they override
+# the fit's own, so a fit longer (or shorter) than the saved one would run the wrong schedule.
+_SCHEDULE_LENGTH_KEYS = {"OneCycleLR": "total_steps", "CosineAnnealingLR": "T_max"}
+
+
+def schedule_lengths(schedulers: list[Any]) -> list[tuple[str, str, int] | None]:
+    """(class name, key, value) of the length-fixing setting of each LR scheduler; None for others."""
+    lengths: list[tuple[str, str, int] | None] = []
+    for scheduler in schedulers:
+        name = type(scheduler).__name__
+        key = _SCHEDULE_LENGTH_KEYS.get(name)
+        lengths.append((name, key, int(getattr(scheduler, key))) if key and hasattr(scheduler, key) else None)
+    return lengths
+
+
+def check_resumed_schedules(
+    planned: list[tuple[str, str, int] | None], saved_states: list[dict[str, Any]], ckpt_path: Any
+) -> None:
+    """Refuses to resume LR schedules whose length differs from what this fit planned.
+
+    A one-cycle schedule restored with fewer total steps than the fit takes crashes once it runs
+    out (`Tried to step N times`); a cosine one restored with a shorter `T_max` climbs back up.
+
+    Args:
+        planned: `schedule_lengths` of the schedulers `configure_optimizers` built for this fit.
+        saved_states: the checkpoint's `lr_schedulers` (their state dicts), in the same order.
+        ckpt_path: the checkpoint, for the message.
+
+    Raises:
+        ValueError: naming the scheduler, both lengths and what to do instead.
+    """
+    for length, state in zip(planned, saved_states):
+        if length is None or not isinstance(state, dict) or length[1] not in state:
+            continue
+        name, key, wanted = length
+        saved = int(state[key])
+        if saved != wanted:
+            raise ValueError(
+                f"Cannot resume {str(ckpt_path)!r}: its {name} schedule has {key}={saved}, but this fit's has "
+                f"{key}={wanted} (max_epochs, max_steps or limit_train_batches changed since it was saved), and a "
+                f"restored schedule keeps its old length ({name} would {_consequence(name)}). To train longer from "
+                "these weights, start a new fit with a new schedule: `--model.init_from <checkpoint>` instead of "
+                "`--ckpt_path`. To resume the run itself, keep the settings it was saved with."
+            )
+
+
+def _consequence(name: str) -> str:
+    return "stop the fit with an error once it runs out" if name == "OneCycleLR" else "raise the lr again after it"
+
+
 def load_compressed_checkpoint(module: M, path: str | Path, strict: bool = True, weights_only: bool = True) -> M:
     """Loads a compressed checkpoint into a freshly built, uncompressed `module`.
 

@@ -21,7 +21,14 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from compresslight.checkpoint import RECORDS_KEY, checkpoint_load_error, read_checkpoint, warn_unsafe_load
+from compresslight.checkpoint import (
+    RECORDS_KEY,
+    check_resumed_schedules,
+    checkpoint_load_error,
+    read_checkpoint,
+    schedule_lengths,
+    warn_unsafe_load,
+)
 from compresslight.compression.record import CompressionRecord, as_record, replay
 from compresslight.registry import create_model
 
@@ -173,7 +180,20 @@ class ImageClassifier(pl.LightningModule):
             checkpoint["hyper_parameters"]["init_from"] = None
 
     @override
+    def on_fit_start(self) -> None:
+        # The schedules as built for this fit, before a `--ckpt_path` restore replaces their state.
+        self._planned_schedules = schedule_lengths([config.scheduler for config in self.trainer.lr_scheduler_configs])
+
+    @override
+    def on_train_start(self) -> None:
+        saved = getattr(self, "_resumed_scheduler_states", None)
+        if saved is not None and self.trainer.ckpt_path is not None:
+            check_resumed_schedules(getattr(self, "_planned_schedules", []), saved, self.trainer.ckpt_path)
+        self._resumed_scheduler_states = None
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_scheduler_states = checkpoint.get("lr_schedulers")
         self._check_architecture(checkpoint)
         self._replay_missing_records(checkpoint.get(RECORDS_KEY, []))
         _check_state_dict_shapes(self, checkpoint["state_dict"], source="checkpoint")
