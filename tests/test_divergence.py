@@ -131,3 +131,49 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
         checkpoint = read_checkpoint(tmp_path / "ckpt" / name)
         assert checkpoint["epoch"] == 0
         assert nonfinite_tensors(checkpoint["state_dict"].items()) == []
+
+
+DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests_dir!r})
+import pytorch_lightning as pl
+from helpers import classifier, tiny_loaders
+from compresslight.callbacks.pruning import PruningCallback
+from compresslight.divergence import TrainingDivergedError
+
+class NanOnRankOne(type(classifier())):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == 1 and self.current_epoch == 1 and batch_idx == 1:
+            loss = loss * float("nan")  # this rank only: the other's loss stays finite at this step
+        return loss
+
+out_dir = Path(sys.argv[1])
+trainer = pl.Trainer(
+    strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, limit_train_batches=4, limit_val_batches=0,
+    logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out_dir),
+    callbacks=[PruningCallback(amount=0.25, epochs=[1])],
+)
+model = NanOnRankOne(**dict(arch="resnet20", num_classes=4, input_shape=(3, 16, 16), lr=0.05))
+try:
+    trainer.fit(model, *tiny_loaders())
+    error = None
+except TrainingDivergedError as raised:
+    error = str(raised)
+(out_dir / f"rank{{trainer.global_rank}}.json").write_text(json.dumps({{"error": error, "step": trainer.global_step}}))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_when_one_rank_diverges(tmp_path):
+    """Without agreement the rank that saw the NaN would stop and the other wait forever in the
+    next gradient all-reduce (the subprocess would time out)."""
+    from pathlib import Path
+
+    from helpers import run_ddp_script
+
+    reports = run_ddp_script(tmp_path, DDP_SCRIPT.format(tests_dir=str(Path(__file__).parent)), timeout=240)
+    assert reports[1]["error"].startswith("Training diverged: the training loss is nan at epoch 1, batch 1")
+    assert "non-finite on another rank at epoch 1, batch 1" in reports[0]["error"]
+    assert reports[0]["step"] == reports[1]["step"] == 4  # 2 batches per rank and epoch
