@@ -98,7 +98,10 @@ class DivergenceGuard(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if not self._is_first_guard(trainer):
             return
-        bad = nonfinite_tensors(checkpoint.get("state_dict", {}).items())
+        # Parameters only: a module may keep legitimately infinite buffers (masks, observers' initial ranges).
+        parameters = {name for name, _ in pl_module.named_parameters()}
+        state = checkpoint.get("state_dict", {})
+        bad = nonfinite_tensors((name, value) for name, value in state.items() if name in parameters)
         if bad:
             raise TrainingDivergedError(
                 f"Refusing to save a checkpoint whose weights are not finite ({describe_nonfinite(bad)}) at epoch "
@@ -107,12 +110,12 @@ class DivergenceGuard(Callback):
             )
 
     def check_finite_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
-        """Raises `TrainingDivergedError` naming the parameters and buffers that are not finite.
+        """Raises `TrainingDivergedError` naming the parameters that are not finite.
 
         Args:
             when: where in the fit, for the message ("before PruningCallback's edit").
         """
-        bad = nonfinite_tensors(pl_module.state_dict().items())
+        bad = nonfinite_tensors(pl_module.named_parameters())
         if bad:
             raise TrainingDivergedError(
                 f"Training diverged: the weights hold NaN or infinite values {when} (epoch {trainer.current_epoch}, "
@@ -124,7 +127,7 @@ class DivergenceGuard(Callback):
 def _divergence_hint(trainer: pl.Trainer) -> str:
     lrs = sorted({group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups})
     current = f" (current lr: {', '.join(f'{lr:.3g}' for lr in lrs)})" if lrs else ""
-    return f"Lower the learning rate{current}, or resume from the last checkpoint with a smaller one."
+    return f"Lower the learning rate{current}, or look for bad inputs in that epoch's data."
 
 
 class StructuralCompressionCallback(DivergenceGuard):

@@ -8,7 +8,6 @@ the end with NaN weights or writing them over the last good checkpoint.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -54,5 +53,5 @@ def describe_nonfinite(names: list[str], shown: int = 5) -> str:
 
 
 def format_loss(value: torch.Tensor) -> str:
-    number = float(value.detach().float().mean()) if value.numel() else math.nan
-    return str(number)
+    """`nan`, `inf` or `-inf`: the loss as a number (the mean of a loss that is not a scalar)."""
+    return str(float(value.detach().float().mean())) if value.numel() else "empty"
