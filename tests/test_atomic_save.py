@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from helpers import classifier, tiny_loaders, tiny_trainer
+from helpers import classifier, tiny_convnet, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
@@ -39,7 +39,7 @@ def trained(tmp_path, checkpoint_io):
     """A real fit that saved `last.ckpt` at the end of each of its 2 epochs."""
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     trainer = tiny_trainer(tmp_path, callbacks=[checkpoint], plugins=[checkpoint_io])
-    model = classifier()
+    model = classifier(arch=tiny_convnet())
     trainer.fit(model, *tiny_loaders())
     return trainer, tmp_path / "ckpt" / "last.ckpt"
 

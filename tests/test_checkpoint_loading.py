@@ -12,21 +12,12 @@ from compresslight.callbacks.lc import LCCallback
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.callbacks.quantization import QuantizationCallback
 from compresslight.callbacks.tucker import TuckerVBMFCallback
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, classifier, tiny_convnet, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch import nn
 from torch.nn import functional as F
 
 from compresslight.checkpoint import UnsafeCheckpointError, load_compressed_checkpoint, read_checkpoint
 from compresslight.classifier import ImageClassifier
-
-
-def tiny_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
-    )  # fmt: skip
 
 
 class UserModule(pl.LightningModule):
@@ -34,7 +25,7 @@ class UserModule(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = tiny_net()
+        self.backbone = tiny_convnet()
         self.example_input_array = torch.zeros(1, *INPUT_SHAPE)
 
     def forward(self, x):
@@ -60,14 +51,14 @@ class RunsCode:
 
 # (module, callbacks) of each kind of checkpoint compresslight writes.
 KINDS = {
-    "pruned": (lambda: classifier(arch=tiny_net()), lambda: [PruningCallback(amount=0.25, epochs=[1])]),
-    "tucker": (lambda: classifier(arch=tiny_net()), lambda: [TuckerVBMFCallback(rank_method=0.5, epoch=1)]),
+    "pruned": (lambda: classifier(arch=tiny_convnet()), lambda: [PruningCallback(amount=0.25, epochs=[1])]),
+    "tucker": (lambda: classifier(arch=tiny_convnet()), lambda: [TuckerVBMFCallback(rank_method=0.5, epoch=1)]),
     "lc": (
-        lambda: classifier(arch=tiny_net()),
+        lambda: classifier(arch=tiny_convnet()),
         lambda: [LCCallback(lam=1.0, steps=1, epochs_per_step=1, cost="runtime", grid_points=2, measure_iters=2)],
     ),
     "qat": (
-        lambda: classifier(arch=tiny_net()),
+        lambda: classifier(arch=tiny_convnet()),
         lambda: [QuantizationCallback(qat_epochs=1, calibration_batches=2, int8=False, latency_batch_sizes=[])],
     ),
     "user_module": (UserModule, lambda: [PruningCallback(amount=0.25, epochs=[1], module_path="backbone")]),
@@ -90,7 +81,7 @@ def test_every_checkpoint_compresslight_writes_loads_weights_only(tmp_path, kind
     assert loaded.state_dict().keys() == saved.keys()
     assert all(torch.equal(loaded.state_dict()[key], value) for key, value in saved.items())
     if isinstance(fresh, ImageClassifier):
-        reloaded = ImageClassifier.load_from_checkpoint(path, arch=tiny_net())
+        reloaded = ImageClassifier.load_from_checkpoint(path, arch=tiny_convnet())
         assert [r.to_dict() for r in reloaded.compression_records] == [r.to_dict() for r in fresh.compression_records]
 
 

@@ -9,21 +9,12 @@ from compresslight.callbacks.lc import LCCallback
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.callbacks.quantization import QuantizationCallback
 from compresslight.callbacks.tucker import TuckerVBMFCallback
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, classifier, tiny_convnet, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from torch import nn
 from torch.nn import functional as F
 
 from compresslight.checkpoint import read_checkpoint
 from compresslight.divergence import TrainingDivergedError, nonfinite_tensors
-
-
-def tiny_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
-    )  # fmt: skip
 
 
 class LearningRateSpike(Callback):
@@ -45,7 +36,7 @@ class UserModule(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = tiny_net()
+        self.backbone = tiny_convnet()
         self.example_input_array = torch.zeros(1, *INPUT_SHAPE)
 
     def forward(self, x):
@@ -61,17 +52,17 @@ class UserModule(pl.LightningModule):
 
 # Each compression callback, scheduled so that its work happens before the spike at epoch 2.
 CALLBACKS = {
-    "pruning": (lambda: classifier(arch=tiny_net()), lambda: PruningCallback(amount=0.25, epochs=[1])),
-    "tucker": (lambda: classifier(arch=tiny_net()), lambda: TuckerVBMFCallback(rank_method=0.5, epoch=1)),
+    "pruning": (lambda: classifier(arch=tiny_convnet()), lambda: PruningCallback(amount=0.25, epochs=[1])),
+    "tucker": (lambda: classifier(arch=tiny_convnet()), lambda: TuckerVBMFCallback(rank_method=0.5, epoch=1)),
     "lc": (
-        lambda: classifier(arch=tiny_net()),
+        lambda: classifier(arch=tiny_convnet()),
         lambda: LCCallback(lam=1.0, cost="flops", mu_init=1e-2, steps=2, epochs_per_step=2),
     ),
     "quantization": (
-        lambda: classifier(arch=tiny_net()),
+        lambda: classifier(arch=tiny_convnet()),
         lambda: QuantizationCallback(qat_epochs=3, calibration_batches=2, int8=False, latency_batch_sizes=[]),
     ),
-    "distillation": (lambda: classifier(arch=tiny_net()), lambda: DistillationCallback("self")),
+    "distillation": (lambda: classifier(arch=tiny_convnet()), lambda: DistillationCallback("self")),
     "user_module": (UserModule, lambda: PruningCallback(amount=0.25, epochs=[1], module_path="backbone")),
 }
 
@@ -103,13 +94,13 @@ def test_lc_with_a_huge_lr_says_it_diverged_instead_of_failing_in_the_svd(tmp_pa
     lc = LCCallback(lam=1.0, cost="flops", mu_init=1e-2, steps=2, epochs_per_step=1)
     trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[lc, checkpointing(tmp_path)])
     with pytest.raises(TrainingDivergedError, match=r"Training diverged: .*epoch 0.*LCCallback stopped the fit"):
-        trainer.fit(classifier(arch=tiny_net(), lr=1e30), *tiny_loaders())
+        trainer.fit(classifier(arch=tiny_convnet(), lr=1e30), *tiny_loaders())
     assert lc.history == []  # no C step ran on diverged weights
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
 
 
 def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
-    model = classifier(arch=tiny_net())
+    model = classifier(arch=tiny_convnet())
 
     def poison():
         if model.current_epoch == 1:
