@@ -47,12 +47,11 @@ from typing import Any, Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from compresslight.callbacks.structural_edit import _EDIT_COUNT_ATTR, find_example_inputs
+from compresslight.callbacks.structural_edit import _EDIT_COUNT_ATTR, DivergenceGuard, find_example_inputs
 from compresslight.checkpoint import load_compressed_checkpoint, read_checkpoint
 from compresslight.compression.distillation import freeze_teacher, soft_target_loss
 
@@ -61,7 +60,7 @@ log = logging.getLogger(__name__)
 SELF_TEACHER = "self"
 
 
-class DistillationCallback(Callback):
+class DistillationCallback(DivergenceGuard):
     """Adds a distillation term from a frozen teacher to the LightningModule's training loss.
 
     Args:

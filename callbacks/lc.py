@@ -431,6 +431,8 @@ class LCCallback(StructuralCompressionCallback):
         """One C step; under DDP rank 0's result is broadcast, so every rank penalizes toward the
         same Theta (a last-bit difference would let the replicas' weights drift apart)."""
         assert self.lc is not None and self.lc_state is not None
+        # Diverged weights would otherwise surface as an SVD failure deep in the C step.
+        self.check_finite_weights(trainer, pl_module, f"before LC C step {self.lc_state.step}")
         target = self.target_module(pl_module)
         if trainer.world_size == 1:
             return self.lc.c_step(target, self.lc_state)

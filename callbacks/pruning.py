@@ -245,6 +245,7 @@ class PruningCallback(StructuralCompressionCallback):
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)  # refuses non-finite weights
         if self.mode == "unstructured":
             # Save plain weights (mask applied), loadable by a model without pruning hooks.
             checkpoint["state_dict"] = _fold_pruning_masks(checkpoint["state_dict"])

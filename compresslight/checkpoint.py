@@ -8,13 +8,20 @@ outside a Trainer.
 
 `adapt_pretrained_weights` fits weights trained with another input-channel or class count (an
 ImageNet checkpoint for grayscale Steelpatch) to a model: `ImageClassifier(init_from=...)` uses it.
+
+Every checkpoint is read with `torch.load(..., weights_only=True)`: unpickling a file from
+elsewhere can run arbitrary code, and everything compresslight writes into a checkpoint (tensors,
+plain hyperparameters, records as dicts) loads without that risk. `weights_only=False` is the
+explicit, logged opt-in for a file you trust that holds other objects.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import IO, Any, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -31,18 +38,27 @@ RECORDS_KEY = "compression_records"
 EDIT_INDEX_KEY = "edit_index"
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a Lightning checkpoint on the CPU.
+def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:
+    """Loads a Lightning checkpoint on the CPU, running no code from the file.
+
+    Args:
+        path: the checkpoint file.
+        weights_only: keep True. False unpickles any object, which can run arbitrary code from the
+            file: only for a file you trust that holds objects other than tensors and plain data.
 
     Raises:
         FileNotFoundError: if `path` is not a file.
-        ValueError: if it is not a Lightning checkpoint.
+        ValueError: if it is truncated or corrupt, holds objects a weights-only load refuses, or is
+            not a Lightning checkpoint; the message names the file.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist.")
-    # Our Lightning checkpoints hold plain hyperparameters and records next to the tensors,
-    # which the weights-only unpickler rejects.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not weights_only:
+        warn_unsafe_load(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as error:
+        raise checkpoint_load_error(path, error) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict').")
     return checkpoint
@@ -59,6 +75,8 @@ def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     """
     try:
         checkpoint = read_checkpoint(path)
+    except UnsafeCheckpointError:
+        raise
     except ValueError:
         try:
             weights = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,6 +116,52 @@ def load_pretrained_weights(model: M, path: str | Path) -> M:
     for note in notes:
         log.info("Weights from %s: %s.", path, note)
     return model
+def warn_unsafe_load(path: str | Path | IO) -> None:
+    """Logs the opt-in to a full unpickling: it must never happen unnoticed."""
+    log.warning(
+        "Loading checkpoint %r with weights_only=False: unpickling it can run arbitrary code from the file. "
+        "Do this only for a file you trust.",
+        str(path),
+    )
+
+
+def checkpoint_load_error(path: str | Path | IO, error: Exception) -> Exception:
+    """The error to raise for a `torch.load` failure: the file named and the cause in words.
+
+    Returns `error` itself when it is not a load failure this knows (e.g. out of memory).
+    """
+    if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
+        return UnsafeCheckpointError(
+            f"Checkpoint {str(path)!r} holds objects that a weights-only load refuses ({_refused_object(error)}): "
+            "unpickling it could run code from the file, so it is not loaded. Checkpoints compresslight writes load "
+            "weights-only; if you trust this file, load it with `weights_only=False` (`read_checkpoint`, "
+            "`load_compressed_checkpoint`, `ImageClassifier.load_from_checkpoint`)."
+        )
+    truncated = (
+        isinstance(error, (EOFError, zipfile.BadZipFile, pickle.UnpicklingError))
+        or (isinstance(error, RuntimeError) and any(text in str(error) for text in _CORRUPT_ZIP_MESSAGES))
+    )  # fmt: skip
+    if truncated:
+        return ValueError(
+            f"Checkpoint {str(path)!r} is truncated or corrupt and cannot be read ({type(error).__name__}: "
+            f"{str(error).split('. ')[0] or 'no detail'}). Was its save interrupted "
+            "(disk full, killed process)? Use an earlier checkpoint."
+        )
+    return error
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint whose unpickling could run code: refused by the weights-only load."""
+
+
+# What torch's zip reader says about a file cut short or damaged.
+_CORRUPT_ZIP_MESSAGES = ("PytorchStreamReader", "zip archive", "failed finding central directory")
+
+
+def _refused_object(error: Exception) -> str:
+    """The line of torch's ~10-line refusal that names what it refused."""
+    lines = [line.strip() for line in str(error).splitlines() if "unsupported global" in line.lower()]
+    return lines[0].rstrip(".") if lines else "see torch.load's weights_only documentation"
 
 
 def callback_records(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
@@ -112,7 +176,57 @@ def callback_records(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: record.get(EDIT_INDEX_KEY, 0))
 
 
-def load_compressed_checkpoint(module: M, path: str | Path, strict: bool = True) -> M:
+# The scheduler settings that fix a schedule's length: restored from a checkpoint they override
+# the fit's own, so a fit longer (or shorter) than the saved one would run the wrong schedule.
+_SCHEDULE_LENGTH_KEYS = {"OneCycleLR": "total_steps", "CosineAnnealingLR": "T_max"}
+
+
+def schedule_lengths(schedulers: list[Any]) -> list[tuple[str, str, int] | None]:
+    """(class name, key, value) of the length-fixing setting of each LR scheduler; None for others."""
+    lengths: list[tuple[str, str, int] | None] = []
+    for scheduler in schedulers:
+        name = type(scheduler).__name__
+        key = _SCHEDULE_LENGTH_KEYS.get(name)
+        lengths.append((name, key, int(getattr(scheduler, key))) if key and hasattr(scheduler, key) else None)
+    return lengths
+
+
+def check_resumed_schedules(
+    planned: list[tuple[str, str, int] | None], saved_states: list[dict[str, Any]], ckpt_path: Any
+) -> None:
+    """Refuses to resume LR schedules whose length differs from what this fit planned.
+
+    A one-cycle schedule restored with fewer total steps than the fit takes crashes once it runs
+    out (`Tried to step N times`); a cosine one restored with a shorter `T_max` climbs back up.
+
+    Args:
+        planned: `schedule_lengths` of the schedulers `configure_optimizers` built for this fit.
+        saved_states: the checkpoint's `lr_schedulers` (their state dicts), in the same order.
+        ckpt_path: the checkpoint, for the message.
+
+    Raises:
+        ValueError: naming the scheduler, both lengths and what to do instead.
+    """
+    for length, state in zip(planned, saved_states):
+        if length is None or not isinstance(state, dict) or length[1] not in state:
+            continue
+        name, key, wanted = length
+        saved = int(state[key])
+        if saved != wanted:
+            raise ValueError(
+                f"Cannot resume {str(ckpt_path)!r}: its {name} schedule has {key}={saved}, but this fit's has "
+                f"{key}={wanted} (max_epochs, max_steps or limit_train_batches changed since it was saved), and a "
+                f"restored schedule keeps its old length ({name} would {_consequence(name)}). To train longer from "
+                "these weights, start a new fit with a new schedule: `--model.init_from <checkpoint>` instead of "
+                "`--ckpt_path`. To resume the run itself, keep the settings it was saved with."
+            )
+
+
+def _consequence(name: str) -> str:
+    return "stop the fit with an error once it runs out" if name == "OneCycleLR" else "raise the lr again after it"
+
+
+def load_compressed_checkpoint(module: M, path: str | Path, strict: bool = True, weights_only: bool = True) -> M:
     """Loads a compressed checkpoint into a freshly built, uncompressed `module`.
 
     Works for `ImageClassifier` (records in the checkpoint) and for any other LightningModule
@@ -122,11 +236,12 @@ def load_compressed_checkpoint(module: M, path: str | Path, strict: bool = True)
         module: the module as its constructor builds it (the original architecture).
         path: the checkpoint file.
         strict: passed to `load_state_dict`.
+        weights_only: see `read_checkpoint`; False only for a file you trust.
 
     Returns:
         `module`, edited and loaded, in eval mode.
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, weights_only=weights_only)
     if hasattr(module, "compression_records") and hasattr(module, "on_load_checkpoint"):
         module.on_load_checkpoint(checkpoint)
     else:

@@ -21,7 +21,15 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from compresslight.checkpoint import RECORDS_KEY, adapt_pretrained_weights, read_model_weights
+from compresslight.checkpoint import (
+    RECORDS_KEY,
+    adapt_pretrained_weights,
+    check_resumed_schedules,
+    checkpoint_load_error,
+    read_model_weights,
+    schedule_lengths,
+    warn_unsafe_load,
+)
 from compresslight.compression.record import CompressionRecord, as_record, replay
 from compresslight.registry import create_model
 
@@ -151,6 +159,23 @@ class ImageClassifier(pl.LightningModule):
 
     # --- checkpoints hold the structural edits ---------------------------------------------
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, *args: Any, weights_only: bool = True, **kwargs: Any
+    ) -> ImageClassifier:
+        """Lightning's `load_from_checkpoint`, weights-only by default (unpickling runs no code from the
+        file; see `compresslight.checkpoint.read_checkpoint`), and with errors that name the file."""
+        if not weights_only:
+            warn_unsafe_load(checkpoint_path)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
+        except Exception as error:
+            explained = checkpoint_load_error(checkpoint_path, error)
+            if explained is error:
+                raise
+            raise explained from error
+
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RECORDS_KEY] = [record.to_dict() for record in self.compression_records]
@@ -159,7 +184,20 @@ class ImageClassifier(pl.LightningModule):
             checkpoint["hyper_parameters"]["init_from"] = None
 
     @override
+    def on_fit_start(self) -> None:
+        # The schedules as built for this fit, before a `--ckpt_path` restore replaces their state.
+        self._planned_schedules = schedule_lengths([config.scheduler for config in self.trainer.lr_scheduler_configs])
+
+    @override
+    def on_train_start(self) -> None:
+        saved = getattr(self, "_resumed_scheduler_states", None)
+        if saved is not None and self.trainer.ckpt_path is not None:
+            check_resumed_schedules(getattr(self, "_planned_schedules", []), saved, self.trainer.ckpt_path)
+        self._resumed_scheduler_states = None
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_scheduler_states = checkpoint.get("lr_schedulers")
         self._check_architecture(checkpoint)
         self._replay_missing_records(checkpoint.get(RECORDS_KEY, []))
         _check_state_dict_shapes(self, checkpoint["state_dict"], source="checkpoint")

@@ -40,6 +40,8 @@ class CompressLightCLI(LightningCLI):
         kwargs.setdefault("model_class", ImageClassifier)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # Checkpoints whole or absent: a disk full mid-save keeps the previous file (see atomic_io).
+        kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": "compresslight.atomic_io.AtomicCheckpointIO"}]})
         super().__init__(*args, **kwargs)
 
     @override

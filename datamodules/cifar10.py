@@ -61,11 +61,15 @@ _ALLOWED_PICKLE_GLOBALS = {
 }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A CIFAR-10 file that names a global outside the allow-list."""
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     @override
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(
+            raise _RefusedGlobal(
                 f"CIFAR-10 batch refers to {module}.{name}, which a CIFAR-10 file never needs; refused."
             )
         return super().find_class(module, name)
@@ -88,7 +92,8 @@ def load_cifar10_batches(folder: str | Path, names: Sequence[str]) -> tuple[torc
 
     Raises:
         FileNotFoundError: if a file is missing (the message says how to get the data).
-        ValueError: if a file is not a CIFAR-10 batch (wrong keys, shape, dtype or labels).
+        ValueError: if a file is truncated, corrupt or not a CIFAR-10 batch (wrong keys, shape,
+            dtype or labels); the message names the file.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -100,9 +105,17 @@ def load_cifar10_batches(folder: str | Path, names: Sequence[str]) -> tuple[torc
         )
     images, labels = [], []
     for name in names:
-        with open(folder / name, "rb") as file:
-            # encoding="bytes": the official files are Python 2 pickles with byte-string keys.
-            batch = _ArrayUnpickler(file, encoding="bytes").load()
+        try:
+            with open(folder / name, "rb") as file:
+                # encoding="bytes": the official files are Python 2 pickles with byte-string keys.
+                batch = _ArrayUnpickler(file, encoding="bytes").load()
+        except _RefusedGlobal as error:
+            raise pickle.UnpicklingError(f"{str(folder / name)!r}: {error}") from error
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+            raise ValueError(
+                f"{str(folder / name)!r} is not a readable CIFAR-10 batch: truncated or corrupt "
+                f"({type(error).__name__}: {error}). Replace it with the official file. {_HOW_TO_GET}"
+            ) from error
         data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
         batch_labels = batch.get(b"labels", batch.get("labels")) if isinstance(batch, dict) else None
         if not isinstance(data, np.ndarray) or batch_labels is None:

@@ -16,7 +16,9 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,6 +34,12 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 ImageTransform = Callable[[Image.Image], Image.Image]
+
+# How `setup` checks the image files: "header" opens each file and verifies what PIL can without
+# decoding it (plus a JPEG's end marker, so a cut-off JPEG is caught), "decode" decodes every
+# image fully, "none" trusts the files.
+FILE_CHECKS = ("header", "decode", "none")
+FileCheck = Literal["header", "decode", "none"]
 
 # The splits each Lightning stage needs (None: all of them).
 STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
@@ -141,6 +149,53 @@ def scan_image_folder(root: Path | str, classes: Sequence[str] | None = None) ->
         paths=np.array(paths, dtype=np.bytes_),
         targets=np.array(targets, dtype=np.int64),
     )
+
+
+def check_image_file(path: str, decode: bool = False) -> str | None:
+    """Why `path` is not a readable image, or None if it is.
+
+    Args:
+        path: the file.
+        decode: decode every pixel (slow, finds any damage) instead of the header check.
+    """
+    try:
+        with Image.open(path) as image:
+            if decode:
+                image.load()
+                return None
+            image.verify()  # the format's structure (PNG: every chunk's CRC); JPEG: little
+        if path.lower().endswith((".jpg", ".jpeg")) and not _has_jpeg_end_marker(path):
+            # A cut-off JPEG opens and verifies; only a decode says whether it is whole (data may
+            # also follow a whole JPEG's end marker, e.g. a motion photo's video).
+            return check_image_file(path, decode=True)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _has_jpeg_end_marker(path: str, tail_bytes: int = 1024) -> bool:
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        file.seek(max(0, file.tell() - tail_bytes))
+        return b"\xff\xd9" in file.read()
+
+
+def find_bad_images(index: ImageFolderIndex, check: FileCheck = "header", threads: int = 16) -> dict[str, str]:
+    """{path: reason} of every file of `index` that is not a readable image.
+
+    Threads, not processes: the work is file reads and PIL decoding, which release the GIL.
+
+    Raises:
+        ValueError: for an unknown `check`.
+    """
+    if check not in FILE_CHECKS:
+        raise ValueError(f"`check_files` must be one of {list(FILE_CHECKS)}, got {check!r}.")
+    if check == "none" or not len(index):
+        return {}
+    paths = [index.path(item) for item in range(len(index))]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+        reasons = pool.map(lambda path: check_image_file(path, decode=check == "decode"), paths)
+        return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
 
 
 def stratified_split(
@@ -305,8 +360,15 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
         return len(self.index)
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.index.path(item)) as image:
-            image = image.convert("RGB" if self.channels == 3 else "L")
+        path = self.index.path(item)
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB" if self.channels == 3 else "L")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise OSError(
+                f"Could not decode image {path!r} ({type(error).__name__}: {error}). The datamodule's "
+                "check_files='decode' finds every such file at setup."
+            ) from error
         image = self.transform(image)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
         tensor = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels.unsqueeze(0)
@@ -331,6 +393,10 @@ class ImageFolderDataModule(VisionDataModule):
     Args:
         data_dir: the dataset's folder.
         num_classes: class count; None reads it from the class folders.
+        check_files: how `setup` checks every image file of the splits it prepares: "header"
+            (default; open and verify, fast), "decode" (decode fully, finds any damage) or "none".
+            Bad files are named, all of them, before training starts.
+        skip_bad_files: leave bad files out, with a warning naming them, instead of failing.
         decode_channels: channels decoded from a file, 1 (grayscale) or 3 (RGB).
         replicate_to: repeat grayscale to this many channels; None keeps `decode_channels`.
         batch_size, eval_batch_size, num_workers, pin_memory, shuffle, drop_last, augment, seed:
@@ -338,7 +404,8 @@ class ImageFolderDataModule(VisionDataModule):
 
     Raises:
         FileNotFoundError: if `num_classes` is None and the class folders are missing.
-        ValueError: if `num_classes` < 1 or `decode_channels` is not 1 or 3.
+        ValueError: if `num_classes` < 1, the folders hold one class only, `decode_channels` is not 1
+            or 3, or `check_files` is unknown; in `setup`, for unreadable image files.
     """
 
     layout_hint: str = "Expected data_dir/train/<class>/<images> and data_dir/val/<class>/<images>."
@@ -358,6 +425,8 @@ class ImageFolderDataModule(VisionDataModule):
         drop_last: bool,
         augment: bool,
         seed: int,
+        check_files: FileCheck = "header",
+        skip_bad_files: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -371,18 +440,24 @@ class ImageFolderDataModule(VisionDataModule):
         )
         if decode_channels not in (1, 3):
             raise ValueError(f"`decode_channels` must be 1 or 3, got {decode_channels!r}.")
+        if check_files not in FILE_CHECKS:
+            raise ValueError(f"`check_files` must be one of {list(FILE_CHECKS)}, got {check_files!r}.")
+        self.check_files = check_files
+        self.skip_bad_files = skip_bad_files
         self.data_dir = Path(data_dir).expanduser()
         self.decode_channels = decode_channels
         self.replicate_to = replicate_to
         self.classes: list[str] | None = None
         if num_classes is None:
             self.classes = self._find_classes()
+            self._check_class_count(self.classes)
             num_classes = len(self.classes)
         self.num_classes = check_int("num_classes", num_classes, 1)
         self.train_dataset: ImageFolderDataset | None = None
         self.val_dataset: ImageFolderDataset | None = None
         self.test_dataset: ImageFolderDataset | None = None
         self._indexes: dict[str, ImageFolderIndex] = {}
+        self._checked: dict[int, ImageFolderIndex] = {}  # id of a scanned index -> it, bad files handled
 
     # ----- what a subclass provides ---------------------------------------------------------------
 
@@ -427,6 +502,37 @@ class ImageFolderDataModule(VisionDataModule):
             self._indexes[split] = scan_image_folder(folder, self.classes)
         return self._indexes[split]
 
+    def _check_class_count(self, classes: list[str]) -> None:
+        if len(classes) < 2:
+            raise ValueError(
+                f"{type(self).__name__}: data_dir={str(self.data_dir)!r} has one class folder ({classes[0]!r}); a "
+                f"classifier needs at least two. Is data_dir one level too deep? {self.layout_hint}"
+            )
+
+    def _without_bad_files(self, split: str, index: ImageFolderIndex) -> ImageFolderIndex:
+        """`index` after `check_files`: unchanged, without its bad files (`skip_bad_files`), or an error.
+
+        Raises:
+            ValueError: naming every bad file, unless `skip_bad_files`.
+        """
+        if id(index) in self._checked:
+            return self._checked[id(index)]
+        bad = find_bad_images(index, self.check_files)
+        checked = index
+        if bad:
+            listing = "; ".join(f"{path!r} ({reason})" for path, reason in sorted(bad.items()))
+            where = f"{len(bad)} of the {len(index)} image files of the {split} split in {str(self.data_dir)!r}"
+            if not self.skip_bad_files:
+                raise ValueError(
+                    f"{type(self).__name__}: {where} are not readable images (check_files={self.check_files!r}): "
+                    f"{listing}. Replace or delete them, or pass skip_bad_files=True to leave them out."
+                )
+            log.warning("%s: skipping %s (skip_bad_files=True): %s.", type(self).__name__, where, listing)
+            keep = np.array([index.path(item) not in bad for item in range(len(index))], dtype=bool)
+            checked = index.subset(np.flatnonzero(keep))
+        self._checked[id(index)] = checked
+        return checked
+
     def split_indexes(self, stage: str | None) -> dict[str, ImageFolderIndex]:
         """The files of each split `stage` needs: "train", "val", "test" (any subset).
 
@@ -450,12 +556,14 @@ class ImageFolderDataModule(VisionDataModule):
     def setup(self, stage: str | None = None) -> None:
         indexes = self.split_indexes(stage)
         assert self.classes is not None
+        self._check_class_count(self.classes)
         if len(self.classes) != self.num_classes:
             raise ValueError(
                 f"`num_classes` is {self.num_classes} but {str(self.data_dir)!r} has "
                 f"{len(self.classes)} class folders; pass num_classes={len(self.classes)} or None."
             )
         for split, index in indexes.items():
+            index = self._without_bad_files(split, index)
             transform = self.train_transform() if split == "train" else self.eval_transform()
             dataset = ImageFolderDataset(
                 index, transform, channels=self.decode_channels, replicate_to=self.replicate_to

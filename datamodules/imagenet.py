@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from compresslight.datamodules.base import check_int
 from compresslight.datamodules.image_folder import (
+    FileCheck,
     ImageFolderDataModule,
     ImageTransform,
     RandomResizedCrop,
@@ -45,6 +46,7 @@ class ImageNetDataModule(ImageFolderDataModule):
         drop_last: drop the last incomplete training batch.
         pin_memory: None pins when CUDA is available.
         seed: shuffling seed.
+        check_files, skip_bad_files: how `setup` checks the image files (see `ImageFolderDataModule`).
 
     Raises:
         FileNotFoundError: if `num_classes` is None and neither `train/` nor `val/` exists.
@@ -72,6 +74,8 @@ class ImageNetDataModule(ImageFolderDataModule):
         drop_last: bool = False,
         pin_memory: bool | None = None,
         seed: int = 42,
+        check_files: FileCheck = "header",
+        skip_bad_files: bool = False,
     ) -> None:
         self.image_size = check_int("image_size", image_size, 1)
         self.eval_resize_size = (
@@ -95,6 +99,8 @@ class ImageNetDataModule(ImageFolderDataModule):
             drop_last=drop_last,
             augment=augment,
             seed=seed,
+            check_files=check_files,
+            skip_bad_files=skip_bad_files,
         )
         self.input_shape = (3, self.image_size, self.image_size)
         self.mean = IMAGENET_MEAN

@@ -21,6 +21,7 @@ from typing_extensions import override
 from compresslight.datamodules.base import check_fraction, check_int
 from compresslight.datamodules.batch_transforms import batch_random_flip
 from compresslight.datamodules.image_folder import (
+    FileCheck,
     ImageFolderDataModule,
     STAGE_SPLITS,
     ImageFolderIndex,
@@ -56,6 +57,7 @@ class SteelpatchDataModule(ImageFolderDataModule):
         shuffle: reshuffle the training set every epoch.
         drop_last: drop the last incomplete training batch.
         pin_memory: None pins when CUDA is available.
+        check_files, skip_bad_files: how `setup` checks the image files (see `ImageFolderDataModule`).
 
     Raises:
         FileNotFoundError: if `num_classes` is None and `data_dir` has no class folders.
@@ -87,6 +89,8 @@ class SteelpatchDataModule(ImageFolderDataModule):
         shuffle: bool = True,
         drop_last: bool = False,
         pin_memory: bool | None = None,
+        check_files: FileCheck = "header",
+        skip_bad_files: bool = False,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"`channels` must be 1 or 3, got {channels!r}.")
@@ -117,6 +121,8 @@ class SteelpatchDataModule(ImageFolderDataModule):
             drop_last=drop_last,
             augment=augment,
             seed=seed,
+            check_files=check_files,
+            skip_bad_files=skip_bad_files,
         )
         self.channels = channels
         self.input_shape = (channels, self.image_size, self.image_size)

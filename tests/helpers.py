@@ -33,6 +33,16 @@ def tiny_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     return pl.Trainer(**options)
 
 
+def tiny_convnet() -> torch.nn.Module:
+    """Two convs and a head, for INPUT_SHAPE and 4 classes: real Trainer runs in well under a second."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
 def classifier(**kwargs) -> ImageClassifier:
     options = dict(arch="resnet20", num_classes=4, input_shape=INPUT_SHAPE, lr=0.05)
     options.update(kwargs)

@@ -531,8 +531,11 @@ class RuntimeModel:
             raise ValueError(f"Not a runtime model file: {error}.") from error
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the runtime model, with its environment and architecture, as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Writes the runtime model, with its environment and architecture, as JSON (atomically: it is
+        reused as an input, so a failed write must not leave half a file)."""
+        from compresslight.atomic_io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RuntimeModel:
