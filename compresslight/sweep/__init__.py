@@ -9,8 +9,21 @@ address any value of a fit config, including one init arg of one callback of the
 
 from compresslight.sweep.command import sweep_command
 from compresslight.sweep.engine import TrialOutcome, run_sweep, run_trial
-from compresslight.sweep.fitconfig import expand_path_overrides, resolve_fit_config, split_path_overrides, write_fit_config
-from compresslight.sweep.paths import close_matches, format_path, get_at_path, has_path, leaf_paths, parse_path, set_at_path
+from compresslight.sweep.fitconfig import (
+    expand_path_overrides,
+    resolve_fit_config,
+    split_path_overrides,
+    write_fit_config,
+)
+from compresslight.sweep.paths import (
+    close_matches,
+    format_path,
+    get_at_path,
+    has_path,
+    leaf_paths,
+    parse_path,
+    set_at_path,
+)
 from compresslight.sweep.report import pareto_front, plot_accuracy_vs_latency, results_table, write_reports
 from compresslight.sweep.results import SweepResultsCallback, read_progress, read_results
 from compresslight.sweep.spec import (
@@ -20,9 +33,9 @@ from compresslight.sweep.spec import (
     Parameter,
     SweepSpec,
     load_sweep_spec,
-    open_storage,
     sweep_spec_from_dict,
 )
+from compresslight.sweep.storage import open_storage, setup_lock
 
 __all__ = [
     "Budget",
@@ -50,9 +63,10 @@ __all__ = [
     "run_sweep",
     "run_trial",
     "set_at_path",
+    "setup_lock",
     "split_path_overrides",
-    "sweep_spec_from_dict",
     "sweep_command",
+    "sweep_spec_from_dict",
     "write_fit_config",
     "write_reports",
 ]

@@ -8,9 +8,13 @@ its log in the user attribute `error`, and the sweep goes on.
 The study lives in the storage (a SQLite file by default), so:
 - an interrupted sweep resumes where it stopped when run again (`budget.n_trials` counts the
   trials the study holds, not those of one run); a trial whose worker was killed is found by
-  its stale heartbeat, marked failed and its parameters retried once;
+  its stale heartbeat (or, on the same machine, its missing process), marked failed and its
+  parameters retried once;
 - several workers, on one machine or many, share one study by pointing at one database URL
   (`--storage postgresql://...` across machines; SQLite is for one machine).
+- a trial's fit dies with its worker, even one killed with SIGKILL, and a worker started on the
+  same machine reclaims the trial at once (`compresslight.sweep.workers`); workers that start
+  together set the study up one at a time (`compresslight.sweep.storage.setup_lock`).
 
 Hopeless trials stop early: the trial writes its validation metrics after every epoch
 (`compresslight.sweep.results`) and the sweep reads them while the fit runs. With
@@ -32,16 +36,27 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from compresslight.sweep.fitconfig import write_fit_config
+from compresslight.sweep.progress import SweepProgress, sweep_progress
 from compresslight.sweep.report import BASE_ATTR, write_reports
 from compresslight.sweep.results import CALLBACK_CLASS_PATH, read_progress, read_results
-from compresslight.sweep.spec import SweepSpec, open_storage
+from compresslight.sweep.spec import SweepSpec
+from compresslight.sweep.storage import open_storage, setup_lock
+from compresslight.sweep.workers import (
+    WORKER_ATTR,
+    die_with_parent,
+    fail_and_retry,
+    fail_stale_trials,
+    reclaim_dead_trials,
+    this_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +95,31 @@ def run_sweep(spec: SweepSpec) -> optuna.Study:
             another search space.
     """
     storage = open_storage(spec.storage, heartbeat_s=spec.engine.heartbeat_s)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=spec.study_name,
-        directions=spec.directions,
-        pruner=_pruner(spec),
-        load_if_exists=True,
-    )
-    _check_same_study(study, spec)
+    # One worker at a time: two that start together would both see an empty study and both
+    # queue the base schedule.
+    with setup_lock(spec.storage):
+        study = optuna.create_study(
+            storage=storage,
+            study_name=spec.study_name,
+            directions=spec.directions,
+            pruner=_pruner(spec),
+            load_if_exists=True,
+        )
+        _check_same_study(study, spec)
+        if spec.engine.include_base and not study.trials:
+            study.enqueue_trial(spec.base_params, user_attrs={BASE_ATTR: True}, skip_if_exists=True)
     # A resumed sweep with a fixed seed would redraw the points it drew before: offset the seed
     # by the trials the study holds (still reproducible for a given history).
     study.sampler = _sampler(spec, seed_offset=len(study.trials))
     spec.output_dir.mkdir(parents=True, exist_ok=True)
-    if spec.engine.include_base and not study.trials:
-        study.enqueue_trial(spec.base_params, user_attrs={BASE_ATTR: True}, skip_if_exists=True)
     distributions = {parameter.path: parameter.distribution for parameter in spec.parameters}
     started = time.monotonic()
     log.info(
         "Sweep %r: %d trials wanted, %d in the study (%s), output in %s.",
         spec.study_name, spec.budget.n_trials, len(study.trials), spec.storage, spec.output_dir,
     )  # fmt: skip
-    with _sigterm_as_interrupt():
-        _loop(spec, study, storage, distributions, started)
+    with _sigterm_as_interrupt(), sweep_progress(spec.budget.n_trials, spec.objectives) as progress:
+        _loop(spec, study, storage, distributions, started, progress)
     write_reports(study, spec)
     return study
 
@@ -112,10 +130,14 @@ def _loop(
     storage: optuna.storages.RDBStorage,
     distributions: dict[str, optuna.distributions.BaseDistribution],
     started: float,
+    progress: SweepProgress,
 ) -> None:
     while True:
-        _fail_stale_trials(study)
-        held = _budget_used(study)
+        reclaim_dead_trials(study)
+        fail_stale_trials(study)
+        counted = _counted_trials(study)
+        progress.update(study, done=sum(trial.state != TrialState.RUNNING for trial in counted))
+        held = len(counted)
         if held >= spec.budget.n_trials:
             log.info("Sweep %r holds %d trials (budget %d): done.", spec.study_name, held, spec.budget.n_trials)
             break
@@ -126,16 +148,15 @@ def _loop(
             # Optuna warns that heartbeats are meant for `optimize`; this loop records them itself.
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
             trial = study.ask(distributions)
+        # Who runs it, at once: a worker killed from here on leaves a trial that can be reclaimed.
+        trial.set_user_attr(WORKER_ATTR, this_worker(trial.number))
+        storage.record_heartbeat(trial._trial_id)
         try:
             outcome = run_trial(spec, study, trial, storage=storage)
         except KeyboardInterrupt:
             # The fit was killed with the sweep: record it now, and queue its parameters to run
             # first when the sweep resumes (as for a trial whose worker died, found by heartbeat).
-            trial.set_user_attr("error", "interrupted: the sweep was stopped while this trial ran")
-            frozen = study.tell(trial, state=TrialState.FAIL)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, frozen)
+            fail_and_retry(study, trial._trial_id, "interrupted: the sweep was stopped while this trial ran")
             write_reports(study, spec)
             log.warning("Sweep %r interrupted during trial %d; run it again to resume.", spec.study_name, trial.number)
             raise
@@ -171,7 +192,18 @@ def run_trial(
     log.info("Trial %d: %s", trial.number, ", ".join(f"{p.label}={trial.params[p.path]!r}" for p in spec.parameters))
     started = time.monotonic()
     with (trial_dir / "fit.log").open("w") as fit_log:
-        process = subprocess.Popen(command, stdout=fit_log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Its own process group, and killed when this process dies: see `workers.die_with_parent`.
+        # preexec_fn can deadlock when another thread holds a lock at fork; this one only calls
+        # prctl and getppid (its library is loaded before the fork), and Python offers no other
+        # way to set the parent-death signal.
+        process = subprocess.Popen(
+            command,
+            stdout=fit_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),  # noqa: PLW1509
+        )
+        trial.set_user_attr("fit_pid", process.pid)
         try:
             stop_reason = _watch(spec, trial, process, trial_dir, started, storage)
         except BaseException:
@@ -366,7 +398,7 @@ def _check_same_study(study: optuna.Study, spec: SweepSpec) -> None:
         )
 
 
-def _budget_used(study: optuna.Study) -> int:
+def _counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that count toward `budget.n_trials`: finished, failed or running.
 
     A running trial counts, so parallel workers stop together; a failed trial whose parameters
@@ -377,7 +409,7 @@ def _budget_used(study: optuna.Study) -> int:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retried = {number for t in trials for number in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t)}
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return sum(1 for t in trials if t.state in finished or (t.state == TrialState.FAIL and t.number not in retried))
+    return [t for t in trials if t.state in finished or (t.state == TrialState.FAIL and t.number not in retried)]
 
 
 @contextlib.contextmanager
@@ -397,10 +429,3 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _fail_stale_trials(study: optuna.Study) -> None:
-    """Marks trials whose worker stopped sending heartbeats as failed (their parameters are retried)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)

@@ -36,7 +36,6 @@ import fnmatch
 import logging
 import math
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -45,6 +44,7 @@ import yaml
 
 from compresslight.sweep.fitconfig import resolve_fit_config, split_path_overrides
 from compresslight.sweep.paths import Index, Keys, get_at_path, parse_path, set_at_path
+from compresslight.sweep.storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -311,38 +311,6 @@ def _check_init_from(fit_config: dict[str, Any]) -> None:
         )
 
 
-def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.RDBStorage:
-    """Opens (creating if needed) the Optuna storage at `url`.
-
-    A SQLite file's folder is created. Heartbeats let a resumed sweep find trials whose worker
-    was killed: they are marked failed and their parameters retried once.
-
-    Raises:
-        ValueError: if the URL is malformed, its database driver is missing or it cannot be opened.
-    """
-    if url.startswith("sqlite:///"):
-        database = Path(url[len("sqlite:///") :])
-        try:
-            database.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ValueError(f"`storage` {url!r} cannot be opened: cannot create the folder {str(database.parent)!r} ({error}).") from error
-    try:
-        with warnings.catch_warnings():
-            # Heartbeats are "experimental" in Optuna since 2.9; the sweep relies on them knowingly.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            heartbeat = {} if heartbeat_s is None else {
-                "heartbeat_interval": heartbeat_s,
-                "grace_period": 2 * heartbeat_s,
-                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            }  # fmt: skip
-            return optuna.storages.RDBStorage(url, **heartbeat)
-    except Exception as error:  # SQLAlchemy raises ArgumentError, OperationalError, ImportError, ...
-        raise ValueError(
-            f"`storage` must be a database URL Optuna can open (e.g. sqlite:///runs/sweeps/NAME.db, "
-            f"postgresql://user:password@host/db), got {url!r}: {type(error).__name__}: {error}"
-        ) from error
-
-
 def _parameters(search_space: Any, fit_config: dict[str, Any], include_base: bool) -> list[Parameter]:
     if not isinstance(search_space, dict) or not search_space:
         raise ValueError(f"`search_space` must map config paths to distributions, got {search_space!r}.")
@@ -587,6 +555,5 @@ __all__ = [
     "Parameter",
     "SweepSpec",
     "load_sweep_spec",
-    "open_storage",
     "sweep_spec_from_dict",
 ]
