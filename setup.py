@@ -41,6 +41,8 @@ setup(
         "compresslight.datamodules": "datamodules",
     },
     install_requires=read_requirements(),
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    # psycopg: the PostgreSQL driver of sweeps shared across machines (postgresql+psycopg:// URLs);
+    # the tests run a PostgreSQL study too.
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psycopg[binary]>=3.2"], "sweep": ["psycopg[binary]>=3.2"]},
     entry_points={"console_scripts": ["compresslight = compresslight.cli:main"]},
 )

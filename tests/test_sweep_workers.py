@@ -64,9 +64,8 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
 
 def _start_sleeper(pid_pipe, die: bool) -> None:
     """A stand-in worker: starts a long child as the sweep starts a fit, reports its pid, waits."""
-    child = subprocess.Popen(  # noqa: PLW1509
-        ["sleep", "60"], start_new_session=True, preexec_fn=die_with_parent() if die else None
-    )
+    preexec = die_with_parent() if die else None
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True, preexec_fn=preexec)  # noqa: PLW1509
     pid_pipe.send(child.pid)
     time.sleep(60)
 
@@ -105,6 +104,7 @@ def test_worker_is_gone_only_when_certain() -> None:
     assert worker_is_gone({**me, "started": "0"})  # this pid, but another process (pid reused)
     assert worker_is_gone({**me, "boot_id": "another-boot"})  # recorded before a reboot
     assert not worker_is_gone({**me, "host": "another-machine", "pid": dead_pid()})  # left to the heartbeat
+    assert not worker_is_gone({**me, "pid_namespace": "pid:[1]", "pid": dead_pid()})  # another container's pids
 
 
 def test_reclaim_fails_and_requeues_running_trials_of_dead_workers_only(tmp_path: Path) -> None:
@@ -125,7 +125,10 @@ def test_reclaim_fails_and_requeues_running_trials_of_dead_workers_only(tmp_path
     assert reclaim_dead_trials(study) == [0]
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL] + [TrialState.RUNNING] * 4 + [TrialState.WAITING]
-    assert study.trials[0].user_attrs["error"] == f"interrupted: its worker (pid {gone} on {me['host']}) was killed while this trial ran"
+    assert (
+        study.trials[0].user_attrs["error"]
+        == f"interrupted: its worker (pid {gone} on {me['host']}) was killed while this trial ran"
+    )
     assert study.trials[5].params == study.trials[0].params  # its parameters run again, once
     assert reclaim_dead_trials(study) == []  # a second worker finds nothing left to reclaim
 
@@ -209,8 +212,11 @@ def race_to_set_up(url: str, workers: int = 3) -> optuna.Study:
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", RACE_SCRIPT, str(STORAGE_PY), url],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(workers)
     ]
     for process in processes:  # a barrier: all have imported everything
@@ -235,7 +241,9 @@ def test_workers_starting_together_on_a_new_sqlite_file_all_start(tmp_path: Path
 def postgres_url() -> Iterator[str]:
     """A new, empty database on the test server (dropped after the test)."""
     if not POSTGRES_URL:
-        pytest.skip("COMPRESSLIGHT_TEST_POSTGRES_URL is not set: no PostgreSQL server (bash .ci/start_postgres starts one)")
+        pytest.skip(
+            "COMPRESSLIGHT_TEST_POSTGRES_URL is not set: no PostgreSQL server (bash .ci/start_postgres starts one)"
+        )
     name = f"compresslight_test_{uuid.uuid4().hex[:12]}"
     admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
     with admin.connect() as connection:
@@ -283,7 +291,9 @@ def study_with(values: list[tuple[float, float]]) -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "minimize"])
     distributions = {"x": optuna.distributions.FloatDistribution(0, 1)}
     for top1, latency in values:
-        study.add_trial(optuna.trial.create_trial(params={"x": 0.5}, distributions=distributions, values=[top1, latency]))
+        study.add_trial(
+            optuna.trial.create_trial(params={"x": 0.5}, distributions=distributions, values=[top1, latency])
+        )
     return study
 
 
@@ -293,7 +303,10 @@ OBJECTIVES = [Objective("val/top1", "maximize"), Objective(LATENCY, "minimize")]
 def test_best_so_far_names_each_objective_and_the_front() -> None:
     assert best_so_far(study_with([]), OBJECTIVES) == "no complete trial yet"
     study = study_with([(0.40, 5.0), (0.30, 3.0), (0.20, 6.0)])
-    assert best_so_far(study, OBJECTIVES) == f"best val/top1=0.4 (trial 0), {LATENCY}=3 (trial 1); Pareto front: 2 trial(s)"
+    assert (
+        best_so_far(study, OBJECTIVES)
+        == f"best val/top1=0.4 (trial 0), {LATENCY}=3 (trial 1); Pareto front: 2 trial(s)"
+    )
     single = optuna.create_study(direction="minimize")
     single.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=2.5))
     assert best_so_far(single, [Objective("val/loss", "minimize")]) == "best val/loss=2.5 (trial 0)"

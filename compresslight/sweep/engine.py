@@ -11,7 +11,7 @@ The study lives in the storage (a SQLite file by default), so:
   its stale heartbeat (or, on the same machine, its missing process), marked failed and its
   parameters retried once;
 - several workers, on one machine or many, share one study by pointing at one database URL
-  (`--storage postgresql://...` across machines; SQLite is for one machine).
+  (`--storage postgresql+psycopg://...` across machines; SQLite is for one machine).
 - a trial's fit dies with its worker, even one killed with SIGKILL, and a worker started on the
   same machine reclaims the trial at once (`compresslight.sweep.workers`); workers that start
   together set the study up one at a time (`compresslight.sweep.storage.setup_lock`).

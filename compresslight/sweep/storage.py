@@ -8,7 +8,7 @@ study, base trial) of all workers of one storage:
 | storage | lock |
 |---|---|
 | `sqlite:///PATH` | a file lock beside the database (`PATH.lock`, the `filelock` package); one machine |
-| `postgresql://...` | a PostgreSQL advisory lock, held by the server: works across machines |
+| `postgresql[+driver]://...` | a PostgreSQL advisory lock, held by the server: works across machines |
 | anything else | none: start the first worker alone, then the others |
 
 The lock is held for the set-up only (a second or less), never while trials run.
@@ -97,10 +97,10 @@ def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.RD
     except Exception as error:  # SQLAlchemy raises ArgumentError, OperationalError, ImportError, ...
         hint = ""
         if isinstance(error, ImportError) and "psycopg" in str(error):
-            hint = " PostgreSQL needs its driver: pip install -e '.[sweep]' (psycopg)."
+            hint = " PostgreSQL needs its driver: pip install -e '.[sweep]' and a postgresql+psycopg:// URL."
         raise ValueError(
             f"`storage` must be a database URL Optuna can open (e.g. sqlite:///runs/sweeps/NAME.db, "
-            f"postgresql://user:password@host/db), got {url!r}: {type(error).__name__}: {error}.{hint}"
+            f"postgresql+psycopg://user:password@host/db), got {url!r}: {type(error).__name__}: {error}.{hint}"
         ) from error
 
 

@@ -7,7 +7,7 @@ nor record its trial, so:
 - the fit asks Linux to kill it when its parent dies (`die_with_parent`), instead of training on,
   orphaned, and loading the machine while later trials are timed;
 - the trial stays RUNNING in the study. Each trial records its worker (`WORKER_ATTR`: host, boot,
-  pid and the pid's start time), so a worker started on the same machine sees at once that the
+  pid namespace, pid and the pid's start time), so a worker started on the same machine sees at once that the
   trial's worker is gone and reclaims it (`reclaim_dead_trials`: FAIL, parameters queued again).
   A trial whose worker ran on another machine is judged by Optuna's heartbeat instead
   (`fail_stale_trials`), which can only decide after its grace period (2 x `engine.heartbeat_s`).
@@ -46,6 +46,7 @@ def this_worker(trial_number: int) -> dict[str, Any]:
         "trial": trial_number,
         "host": socket.gethostname(),
         "boot_id": _boot_id(),
+        "pid_namespace": _pid_namespace(),
         "pid": pid,
         "started": _process_start(pid),
     }
@@ -54,10 +55,13 @@ def this_worker(trial_number: int) -> dict[str, Any]:
 def worker_is_gone(worker: Mapping[str, Any]) -> bool:
     """Whether the worker described by `worker` (see `this_worker`) has certainly stopped.
 
-    Only a worker of this machine can be judged (False otherwise): gone if the machine rebooted
-    since, or its pid runs no process, or runs another one (a reused pid has another start time).
+    Only a worker of this machine whose pids this process sees can be judged (False otherwise; a
+    container may share the host name but not the pids): gone if the machine rebooted since, or
+    its pid runs no process, or runs another one (a reused pid has another start time).
     """
     if worker.get("host") != socket.gethostname():
+        return False
+    if worker.get("pid_namespace") not in (None, _pid_namespace()):
         return False
     boot_id = _boot_id()
     if boot_id is not None and worker.get("boot_id") not in (None, boot_id):
@@ -152,6 +156,14 @@ def _boot_id() -> str | None:
     """This boot's id (Linux): pids of a worker recorded before a reboot name nothing now."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (Linux), e.g. "pid:[4026531836]": pids mean something only within it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
         return None
 
