@@ -25,7 +25,7 @@ import optuna
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
-from test_sweep import LATENCY, RATIO_PATH, REPO, tiny_sweep, write_sweep
+from test_sweep import LATENCY, REPO, tiny_sweep, write_sweep
 
 from compresslight.sweep.progress import best_so_far, sweep_progress
 from compresslight.sweep.spec import Objective
@@ -136,7 +136,13 @@ def test_reclaim_fails_and_requeues_running_trials_of_dead_workers_only(tmp_path
 @pytest.mark.slow
 def test_sigkilled_sweep_takes_its_fit_along_and_resumes_at_once(tmp_path: Path) -> None:
     sweep_file = write_sweep(tmp_path, tiny_sweep(tmp_path, budget={"n_trials": 1}))
-    check_kill_and_resume(sweep_file, f"sqlite:///{tmp_path}/study.db")
+    storage = f"sqlite:///{tmp_path}/study.db"
+    killed = kill_while_fitting(start_worker(sweep_file, LONG_FIT), storage)
+    finish(start_worker(sweep_file))  # at once: no waiting for a heartbeat to go stale
+    check_rerun(optuna.load_study(study_name="tiny", storage=storage), killed)
+
+
+LONG_FIT = "--trainer.max_epochs=100000"  # a fit that runs until it is killed
 
 
 def start_worker(sweep_file: Path, *args: str) -> subprocess.Popen:
@@ -153,33 +159,36 @@ def finish(worker: subprocess.Popen) -> str:
     return output
 
 
-def check_kill_and_resume(sweep_file: Path, storage: str, *args: str) -> None:
-    """SIGKILLs a worker while its trial's fit runs; its fit must die, and a worker started at once
-    must reclaim the trial and run its parameters again."""
-    worker = start_worker(sweep_file, *args, "--trainer.max_epochs=100000")  # a fit that runs until killed
+def running_fit(worker: subprocess.Popen, storage: str) -> optuna.trial.FrozenTrial | None:
+    """The trial whose fit `worker` runs now, if any."""
+    try:
+        study = optuna.load_study(study_name="tiny", storage=storage)
+    except KeyError:  # the study is not created yet
+        return None
+    for trial in study.get_trials(states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR, {}).get("pid") == worker.pid and "fit_pid" in trial.user_attrs:
+            return trial
+    return None
 
-    def running_fit() -> optuna.trial.FrozenTrial | None:
-        try:
-            study = optuna.load_study(study_name="tiny", storage=storage)
-        except KeyError:  # the study is not created yet
-            return None
-        running = [t for t in study.trials if t.state == TrialState.RUNNING and "fit_pid" in t.user_attrs]
-        return running[0] if running and worker.poll() is None else None
 
-    wait_until(lambda: running_fit() is not None or worker.poll() is not None, 300, "a running fit")
-    trial = running_fit()
-    assert trial is not None, worker.communicate()[0][-3000:]
+def kill_while_fitting(worker: subprocess.Popen, storage: str) -> optuna.trial.FrozenTrial:
+    """SIGKILLs `worker` once its trial's fit runs; the fit must die with it. Returns the trial."""
+    wait_until(lambda: running_fit(worker, storage) is not None or worker.poll() is not None, 300, "a running fit")
+    trial = running_fit(worker, storage)
+    assert trial is not None and worker.poll() is None, worker.communicate()[0][-3000:]
     fit_pid = trial.user_attrs["fit_pid"]
     assert process_is_running(fit_pid)
     worker.kill()  # SIGKILL: the worker can record nothing
     worker.communicate()
     wait_until(lambda: not process_is_running(fit_pid), 10, f"the fit (pid {fit_pid}) to die with its worker")
+    return trial
 
-    finish(start_worker(sweep_file, *args))  # at once: no waiting for a heartbeat to go stale
-    study = optuna.load_study(study_name="tiny", storage=storage)
-    killed = study.trials[trial.number]
-    assert killed.state == TrialState.FAIL and "was killed while this trial ran" in killed.user_attrs["error"]
-    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+
+def check_rerun(study: optuna.Study, killed: optuna.trial.FrozenTrial) -> None:
+    """The killed worker's trial is failed, and its parameters ran again, once, to completion."""
+    failed = study.trials[killed.number]
+    assert failed.state == TrialState.FAIL and "was killed while this trial ran" in failed.user_attrs["error"]
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params and retries[0].user_attrs["error"] is None
     assert all(t.state != TrialState.RUNNING for t in study.trials)
@@ -262,21 +271,28 @@ def test_workers_starting_together_on_a_new_postgres_database_all_start(postgres
 
 
 def test_two_workers_share_one_postgres_study_and_a_killed_one_is_resumed(tmp_path: Path, postgres_url: str) -> None:
-    """Not marked slow on purpose: CI's default test command must run PostgreSQL for real (~1 min)."""
+    """Not marked slow on purpose: CI's default test command must run PostgreSQL for real (3 workers, 3 fits)."""
     sweep = tiny_sweep(tmp_path, budget={"n_trials": 2}, objectives=[{"name": "val/top1", "direction": "maximize"}])
-    del sweep["engine"]["seed"]  # workers of one study must not draw the same points
+    sweep["engine"] = {
+        "sampler": "tpe",
+        "pruner": "none",
+    }  # no seed: workers of one study must not draw the same points
     sweep["storage"] = postgres_url
     sweep_file = write_sweep(tmp_path, sweep)
-    for worker in [start_worker(sweep_file), start_worker(sweep_file)]:
-        finish(worker)
+    long_worker = start_worker(sweep_file, LONG_FIT)
+    wait_until(
+        lambda: running_fit(long_worker, postgres_url) is not None or long_worker.poll() is not None, 300, "a fit"
+    )
+    finish(start_worker(sweep_file))  # runs the other trial while the first one's fit runs, then stops (budget 2)
+    killed = kill_while_fitting(long_worker, postgres_url)
+    finish(start_worker(sweep_file))  # reclaims the killed worker's trial and runs its parameters again
+
     study = optuna.load_study(study_name="tiny", storage=postgres_url)
-    # Each worker checks the budget before asking, so two workers may both start a last trial.
-    assert 2 <= len(study.trials) <= 3
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    assert [t.number for t in study.trials] == list(range(len(study.trials)))  # none lost, none twice
-    assert sum(bool(t.user_attrs.get("base_schedule")) for t in study.trials) == 1
-    assert len({t.params[RATIO_PATH] for t in study.trials}) == len(study.trials)
-    check_kill_and_resume(sweep_file, postgres_url, f"--n_trials={len(study.trials) + 1}")
+    assert [t.number for t in study.trials] == [0, 1, 2]  # none lost, none twice
+    check_rerun(study, killed)
+    other = next(t for t in study.trials if t.number not in (killed.number, study.trials[-1].number))
+    assert other.state == TrialState.COMPLETE and other.params != killed.params
+    assert sum(bool(t.user_attrs.get("base_schedule")) for t in study.trials if t.state == TrialState.COMPLETE) == 1
 
 
 # --- issue 13 item 4: the progress bar --------------------------------------------------------
