@@ -258,7 +258,10 @@ def _classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     }
     if num_classes > 5:
         metrics["top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+    # No compute groups: torchmetrics merges metrics whose states are equal after the first
+    # update, and on a class-ordered validation set (image folders) top-5's first-batch states
+    # can equal F1's, after which top-5 is computed from top-1 statistics and logged equal to it.
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 def _check_state_dict_shapes(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -47,6 +47,34 @@ def test_top5_is_logged_only_with_more_than_five_classes(tmp_path):
     assert set(classifier(num_classes=4).val_metrics.keys(keep_base=False)) == {"val/top1", "val/f1"}
 
 
+def test_top5_is_right_on_a_class_ordered_validation_set(tmp_path):
+    """Image-folder validation sets come ordered by class; the first batch is all class 0.
+
+    The head prefers class 0, then 1, 2, ...: the first batch is all right at top-1, which made
+    torchmetrics' compute groups merge top-5 into the top-1 statistics (top-5 logged = top-1).
+    """
+    num_classes, per_class = 10, 8
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, num_classes))
+    with torch.no_grad():
+        head[1].weight.mul_(0.01)
+        head[1].bias.copy_(-torch.arange(num_classes, dtype=torch.float))
+    images = torch.randn(num_classes * per_class, *INPUT_SHAPE)
+    targets = torch.arange(num_classes).repeat_interleave(per_class)  # class-ordered
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, targets), batch_size=per_class)
+    model = ImageClassifier(arch=head, num_classes=num_classes, input_shape=INPUT_SHAPE)
+    logged = tiny_trainer(tmp_path, limit_val_batches=None).validate(model, loader, verbose=False)[0]
+
+    with torch.no_grad():
+        top5 = head(images).topk(5, dim=1).indices
+        top1 = top5[:, 0]
+    expected_top5 = (top5 == targets[:, None]).any(dim=1).float().mean().item()
+    expected_top1 = (top1 == targets).float().mean().item()
+    assert expected_top5 > expected_top1 + 0.2  # the data makes top-5 and top-1 differ
+    assert logged["val/top5"] == pytest.approx(expected_top5)
+    assert logged["val/top1"] == pytest.approx(expected_top1)
+
+
 def split_head(model: ImageClassifier, width: int = 5) -> None:
     record = SplitLinearRecord(layer="fc", width=width, target="model")
     record.apply(model.model)
