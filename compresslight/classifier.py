@@ -10,6 +10,7 @@ records, then loads the weights.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -32,6 +33,7 @@ from compresslight.checkpoint import (
 )
 from compresslight.compression.record import CompressionRecord, as_record, replay
 from compresslight.registry import create_model
+from compresslight.run_length import describe_limits, planned_epochs
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ class ImageClassifier(pl.LightningModule):
         lr_schedule: "multistep" (x`gamma` at `milestones`, fractions of max_epochs, papers
             000/001), "cosine", "onecycle" (per step, peak `lr`), "exponential" (x`gamma` per
             epoch, paper 003) or "constant".
-        milestones: for "multistep", fractions of `trainer.max_epochs` in (0, 1).
+        milestones: for "multistep", fractions of the run's epochs in (0, 1): `trainer.max_epochs`, or
+            the epochs `trainer.max_steps` allows when that is fewer (or `max_epochs` is -1).
         gamma: LR factor for "multistep" and "exponential".
         init_from: a checkpoint to take weights (and structural edits) from before training: the
             papers' "compress a trained baseline, then fine-tune". Weights only; no optimizer state.
@@ -141,20 +144,35 @@ class ImageClassifier(pl.LightningModule):
         )
         if hp.lr_schedule == "constant":
             return optimizer
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         interval = "epoch"
-        if hp.lr_schedule == "multistep":
-            milestones = sorted({max(1, round(fraction * max_epochs)) for fraction in hp.milestones})
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.gamma)
-        elif hp.lr_schedule == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
-        elif hp.lr_schedule == "exponential":
-            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hp.gamma)
-        else:  # onecycle
+        if hp.lr_schedule == "onecycle":
+            total_steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total_steps):
+                raise ValueError(
+                    "`lr_schedule`='onecycle' needs a run of known length: set `trainer.max_steps` or "
+                    f"`trainer.max_epochs`, got {describe_limits(self.trainer)}."
+                )
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=hp.lr, total_steps=max(1, int(self.trainer.estimated_stepping_batches))
+                optimizer, max_lr=hp.lr, total_steps=max(1, int(total_steps))
             )
             interval = "step"
+        elif hp.lr_schedule == "exponential":  # x gamma per epoch: needs no run length
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hp.gamma)
+        else:
+            # With `max_epochs: -1` the run's length comes from `max_steps` and the loader length.
+            epochs = planned_epochs(self.trainer, load_data=True)
+            if epochs is None:
+                raise ValueError(
+                    f"`lr_schedule`={hp.lr_schedule!r} counts epochs and needs a run of known length: set "
+                    f"`trainer.max_epochs`, or `trainer.max_steps` with a train loader that has a length; got "
+                    f"{describe_limits(self.trainer)}."
+                )
+            epochs = max(1, epochs)
+            if hp.lr_schedule == "multistep":
+                milestones = sorted({max(1, round(fraction * epochs)) for fraction in hp.milestones})
+                scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.gamma)
+            else:  # cosine
+                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # --- checkpoints hold the structural edits ---------------------------------------------

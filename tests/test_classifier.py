@@ -1,11 +1,13 @@
 """ImageClassifier: training, schedules, and checkpoints that replay compression records."""
 
+import math
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from compresslight.checkpoint import load_compressed_checkpoint
@@ -37,6 +39,37 @@ def test_multistep_milestones_are_fractions_of_max_epochs(tmp_path):
     model.trainer = trainer
     scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert sorted(scheduler.milestones) == [4, 6]
+
+
+class EpochLearningRates(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize(
+    ("lr_schedule", "expected"),
+    [
+        # 3 epochs of 4 steps from max_steps=12: cosine over 3 epochs, the milestone at round(0.5 x 3) = 2.
+        ("cosine", [0.05 * (1 + math.cos(math.pi * epoch / 3)) / 2 for epoch in range(3)]),
+        ("multistep", [0.05, 0.05, 0.005]),
+    ],
+)
+def test_epoch_schedules_take_their_length_from_max_steps(tmp_path, lr_schedule, expected):
+    lrs = EpochLearningRates()
+    model = classifier(lr_schedule=lr_schedule, milestones=(0.5,), gamma=0.1)
+    trainer = tiny_trainer(tmp_path, max_epochs=-1, max_steps=12, limit_train_batches=4, callbacks=[lrs])
+    trainer.fit(model, *tiny_loaders())
+    assert trainer.current_epoch == 3
+    assert lrs.lrs == pytest.approx(expected)  # before: one-epoch schedules, cosine 0.05, 0.0, 0.05
+
+
+def test_epoch_schedule_of_an_endless_run_is_refused(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_epochs=-1, max_steps=-1)
+    with pytest.raises(ValueError, match=r"`lr_schedule`='cosine' counts epochs .*max_epochs=-1, max_steps=-1"):
+        trainer.fit(classifier(lr_schedule="cosine"), *tiny_loaders())
 
 
 def test_top5_is_logged_only_with_more_than_five_classes(tmp_path):
