@@ -219,16 +219,16 @@ class LCCallback(StructuralCompressionCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
         max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and max_epochs <= self.lc_epochs:
+        if stage == "fit" and max_epochs is not None and 0 <= max_epochs <= self.lc_epochs:
             raise ValueError(
                 f"LCCallback needs `trainer.max_epochs` > `steps` x `epochs_per_step` = {self.steps} x "
                 f"{self.epochs_per_step} = {self.lc_epochs} (the L steps; the epochs after them fine-tune the "
                 f"factorized network), got max_epochs={max_epochs}."
             )
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
         target = self.target_module(pl_module)
         self.layer_names = self._select_layers(target)
         if self.loaded_runtime_model is not None:
@@ -294,7 +294,12 @@ class LCCallback(StructuralCompressionCallback):
     # --- start: the cost and the algorithm, once any checkpoint has been restored --------------
 
     @override
+    def pending_epochs(self, trainer: pl.Trainer) -> list[int]:
+        return [] if self.compressed else [self.lc_epochs]
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # After restore: a resumed fit brings the LC state (and a runtime model measured earlier),
         # or says the network is already factorized.
         if self.compressed:

@@ -128,6 +128,15 @@ class PruningCallback(StructuralCompressionCallback):
         # `StructuralCompressionCallback`), and the restored state marks epoch 0 done.
         if stage == "fit" and 0 in self.epochs and 0 not in self.completed_epochs:
             self._prune(trainer, pl_module, 0)
+        elif stage == "fit" and self.ratios:
+            # A pattern that matches nothing fails now, not after the epochs before the first pruning one.
+            inputs = find_example_inputs(trainer, pl_module)
+            groups = prunable_groups(self.target_module(pl_module), inputs, self.ignored_layers)
+            self._check_ratio_patterns([name for group in groups for name in group])
+
+    @override
+    def pending_epochs(self, trainer: pl.Trainer) -> list[int]:
+        return [epoch for epoch in self.epochs if epoch not in self.completed_epochs]
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -184,9 +193,7 @@ class PruningCallback(StructuralCompressionCallback):
         """
         groups = prunable_groups(target, inputs, self.ignored_layers)
         prunable = [name for group in groups for name in group]
-        for pattern in self.ratios:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in prunable):
-                raise ValueError(f"`ratios` pattern {pattern!r} matches no prunable layer; prunable layers: {prunable}.")
+        self._check_ratio_patterns(prunable)
         layers = dict(target.named_modules())
         final = {}
         for group in groups:
@@ -205,6 +212,11 @@ class PruningCallback(StructuralCompressionCallback):
                 root = layers[group[0]]
                 final[group[0]] = (root.out_features if isinstance(root, nn.Linear) else root.out_channels, ratio)
         return final
+
+    def _check_ratio_patterns(self, prunable: list[str]) -> None:
+        for pattern in self.ratios:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in prunable):
+                raise ValueError(f"`ratios` pattern {pattern!r} matches no prunable layer; prunable layers: {prunable}.")
 
     def _step_ratios(self, target: nn.Module, goal: float) -> dict[str, float]:
         """Per-layer fractions of the *current* channels that bring each layer to

@@ -220,6 +220,13 @@ class QuantizationCallback(StructuralCompressionCallback):
     # --- quantization-aware training ---------------------------------------------------------
 
     @override
+    def pending_epochs(self, trainer: pl.Trainer) -> list[int]:
+        # QAT starts `qat_epochs` before `max_epochs`; `max_steps` may end the run before that.
+        if not self.qat_epochs or trainer.max_epochs is None or trainer.max_epochs < self.qat_epochs:
+            return []  # `setup` refuses these with its own message
+        return [trainer.max_epochs - self.qat_epochs]
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.qat_epochs or trainer.max_epochs is None:
             return

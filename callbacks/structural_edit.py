@@ -51,6 +51,7 @@ from compresslight.divergence import (
     nonfinite_tensors,
 )
 from compresslight.profiling.counting import count_macs
+from compresslight.run_length import describe_limits, planned_epochs
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +175,45 @@ class StructuralCompressionCallback(DivergenceGuard):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.target_module(pl_module)  # fail early on a bad module_path
+        if stage == "fit":
+            self.check_epochs_are_reached(trainer)  # `max_epochs`; `max_steps` once the loader is known
         _RestoreGuard.install(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Any checkpoint restore has happened by now: the pre-edit copies are not needed.
         _RestoreGuard.install(pl_module).snapshots.clear()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The train loader is set up now: `max_steps` says how many epochs run. No step has run yet.
+        self.check_epochs_are_reached(trainer)
+
+    # --- the schedule must fit the run -------------------------------------------------------
+
+    def pending_epochs(self, trainer: pl.Trainer) -> list[int]:
+        """Epochs at whose start this callback still has to edit the model (subclasses with a schedule)."""
+        return []
+
+    def check_epochs_are_reached(self, trainer: pl.Trainer) -> None:
+        """Fails when the run ends before an epoch at which this callback compresses.
+
+        Without this a compression epoch at or beyond the run's last epoch silently never happens
+        (rc 0, an uncompressed model, a profile saying 1.00x).
+
+        Raises:
+            ValueError: naming the epochs that are never reached and the Trainer's limits.
+        """
+        epochs = planned_epochs(trainer)
+        if epochs is None:
+            return
+        never = [epoch for epoch in self.pending_epochs(trainer) if trainer.current_epoch <= epoch and epochs <= epoch]
+        if never:
+            raise ValueError(
+                f"{type(self).__name__} compresses at the start of epoch(s) {never}, but this run trains "
+                f"{epochs} epoch(s) (0..{epochs - 1}; {describe_limits(trainer)}): the compression would never "
+                "happen. Raise `trainer.max_epochs` (or `max_steps`) or schedule the compression earlier."
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -207,11 +207,10 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
             # records, and `load_state_dict` marks the decomposition done. The report is only
             # published in `on_fit_start`, once it is known that this edit stands.
             self._decompose(trainer, pl_module, publish=False)
-        elif trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.epoch:
-            log.warning(
-                "TuckerVBMFCallback: `epoch`=%d is never reached with max_epochs=%d; nothing will be decomposed.",
-                self.epoch, trainer.max_epochs,
-            )  # fmt: skip
+
+    @override
+    def pending_epochs(self, trainer: pl.Trainer) -> list[int]:
+        return [] if self.decomposed else [self.epoch]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -116,8 +116,12 @@ def test_iterative_schedule_with_cumulative_targets(tmp_path):
 
 def test_resume_in_a_new_process_replays_and_continues_the_schedule(tmp_path):
     model = classifier()
-    callbacks = [PruningCallback(amount=0.25, epochs=[1, 3])]
-    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=callbacks)
+    class StopAfterEpoch1(Callback):  # the run is interrupted mid-schedule
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            trainer.should_stop = trainer.current_epoch == 1
+
+    callbacks = [PruningCallback(amount=0.25, epochs=[1, 3]), StopAfterEpoch1()]
+    trainer = tiny_trainer(tmp_path, max_epochs=4, callbacks=callbacks)
     train, val = tiny_loaders()
     trainer.fit(model, train, val)
     path = tmp_path / "mid.ckpt"
@@ -249,3 +253,19 @@ def test_pattern_matching_nothing_fails_before_training_and_leaves_model_untouch
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+@pytest.mark.parametrize("schedule", [{"epochs": [2]}, {"start_epoch": 1, "end_epoch": 2}])
+def test_pattern_matching_nothing_in_a_later_epoch_fails_before_any_training_step(tmp_path, schedule):
+    class StepCounter(Callback):
+        steps = 0
+
+        def on_train_batch_end(self, *args) -> None:
+            self.steps += 1
+
+    counter = StepCounter()
+    pruning = PruningCallback(ratios={"layer1.*.conv1": 0.5, "layer9.*.conv1": 0.5}, **schedule)
+    trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[pruning, counter])
+    with pytest.raises(ValueError, match=r"`ratios` pattern 'layer9\.\*\.conv1' matches no prunable layer; prunable"):
+        trainer.fit(classifier(), *tiny_loaders())
+    assert counter.steps == 0  # before: the error came at epoch 2, after 8 training steps
