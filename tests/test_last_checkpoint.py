@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from compresslight.callbacks.pruning import PruningCallback
+from helpers import INPUT_SHAPE, tiny_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from compresslight.callbacks.pruning import PruningCallback
 from compresslight.checkpoint import read_checkpoint
 from compresslight.classifier import ImageClassifier
-from helpers import INPUT_SHAPE, tiny_trainer
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

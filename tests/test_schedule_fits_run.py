@@ -6,7 +6,6 @@ import re
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from compresslight.callbacks.lc import LCCallback
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.callbacks.quantization import QuantizationCallback
