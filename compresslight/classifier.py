@@ -220,12 +220,17 @@ class ImageClassifier(pl.LightningModule):
         self._replay_missing_records(checkpoint.get(RECORDS_KEY, []))
         _check_state_dict_shapes(self, checkpoint["state_dict"], source="checkpoint")
 
-    def _check_architecture(self, checkpoint: dict[str, Any]) -> None:
+    def _check_architecture(self, checkpoint: dict[str, Any], source: str = "The checkpoint") -> None:
+        """Refuses a checkpoint of another registered architecture, naming both (also the CLI's `--ckpt_path` check).
+
+        Raises:
+            ValueError: when the checkpoint's `arch` hyperparameter differs from this model's.
+        """
         saved_arch = checkpoint.get("hyper_parameters", {}).get("arch")
         own_arch = self.hparams.get("arch")
         if isinstance(saved_arch, str) and isinstance(own_arch, str) and saved_arch != own_arch:
             raise ValueError(
-                f"The checkpoint holds a {saved_arch!r} model but this ImageClassifier has `arch`={own_arch!r}: "
+                f"{source} holds a {saved_arch!r} model but this ImageClassifier has `arch`={own_arch!r}: "
                 f"set `--model.arch {saved_arch}` or use a checkpoint of {own_arch!r}."
             )
 

@@ -12,10 +12,12 @@ their own work instead of training:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
 from netrc import netrc
+from pathlib import Path
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -50,6 +52,100 @@ class CompressLightCLI(LightningCLI):
         # As a list, the form a YAML config gives: the model's and the datamodule's recorded
         # hyperparameters must agree for Lightning to log them.
         parser.link_arguments("data.input_shape", "model.input_shape", compute_fn=list, apply_on="instantiate")
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Keeps the model the config and command line describe.
+
+        LightningCLI would replace it by the checkpoint's hyperparameters, silently training
+        another architecture than `--model.arch` says; `after_instantiate_classes` refuses a
+        checkpoint of another architecture instead and names any other difference.
+        """
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand is None:
+            return
+        arguments = self.config_init[self.subcommand]
+        ckpt_path = arguments.get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = arguments["ckpt_path"] = str(find_last_checkpoint(self.trainer))
+            log.info("`--ckpt_path last`: resuming from %s.", ckpt_path)
+        if ckpt_path and Path(ckpt_path).is_file() and isinstance(self.model, ImageClassifier):
+            check_checkpoint_fits_model(self.model, ckpt_path)
+
+
+def check_checkpoint_fits_model(model: ImageClassifier, ckpt_path: str) -> None:
+    """Refuses a checkpoint of another architecture before anything runs; warns about other
+    hyperparameters that differ from the config and command line.
+
+    Raises:
+        ValueError: naming the checkpoint's architecture and `--model.arch`.
+    """
+    from compresslight.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(ckpt_path)
+    model._check_architecture(checkpoint, source=f"`--ckpt_path` {ckpt_path!r}")  # the one arch check
+    saved = checkpoint.get("hyper_parameters", {})
+    differences = {
+        key: (saved[key], value)
+        for key, value in model.hparams.items()
+        if key in saved and key != "init_from" and _as_plain(saved[key]) != _as_plain(value)
+    }
+    if differences:
+        log.warning(
+            "`--ckpt_path` %s was saved with other model hyperparameters than this run's config and command line; "
+            "the model is built from the config (%s). On `fit`, the optimizer and LR scheduler states (the lr "
+            "included) are still restored from the checkpoint.",
+            ckpt_path,
+            ", ".join(f"{key}: checkpoint {old!r}, here {new!r}" for key, (old, new) in differences.items()),
+        )
+
+
+def _as_plain(value: Any) -> Any:
+    """Tuples as lists, as YAML and checkpoints give them, so `(3, 32, 32)` equals `[3, 32, 32]`."""
+    if isinstance(value, (list, tuple)):
+        return [_as_plain(item) for item in value]
+    return value
+
+
+def find_last_checkpoint(trainer: pl.Trainer) -> Path:
+    """The newest last checkpoint of this run's name, whichever `version_N` wrote it.
+
+    Lightning looks for `--ckpt_path last` only in this run's own checkpoint folder, which a
+    logger makes anew for every run (`runs/<name>/version_<N+1>/checkpoints`): it finds
+    nothing and trains from scratch with a warning. This looks where earlier runs of the same
+    name saved, and in any `dirpath` a ModelCheckpoint was given.
+
+    Raises:
+        ValueError: when no earlier run left a last checkpoint, naming where it looked.
+    """
+    folders = [Path(callback.dirpath) for callback in trainer.checkpoint_callbacks if callback.dirpath]
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        run_root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
+        folders += sorted(run_root.glob("*/checkpoints"))
+        looked_in = f"{run_root}/*/checkpoints"
+    else:
+        folders.append(Path(trainer.default_root_dir) / "checkpoints")
+        looked_in = str(folders[-1])
+    names = {getattr(callback, "CHECKPOINT_NAME_LAST", "last") for callback in trainer.checkpoint_callbacks} or {"last"}
+    found = [
+        path
+        for folder in folders
+        if folder.is_dir()
+        for path in folder.glob("*.ckpt")
+        if any(name in path.name for name in names)  # Lightning's own test for a last checkpoint
+    ]
+    if not found:
+        raise ValueError(
+            f"`--ckpt_path last` found no last checkpoint of an earlier run (looked in {looked_in}"
+            f"{''.join(f', {callback.dirpath}' for callback in trainer.checkpoint_callbacks if callback.dirpath)}): "
+            "give the checkpoint's path, or save last checkpoints (a `ModelCheckpoint` with `save_last: true` "
+            "or `filename: last`, as the configs in configs/ have)."
+        )
+    return max(found, key=lambda path: path.stat().st_mtime)
 
 
 def use_wandb_offline_without_account() -> None:
@@ -100,9 +196,22 @@ def main(args: list[str] | None = None) -> None:
 
     # `--trainer.callbacks[PruningCallback].init_args.ratios["layer1.*.conv1"]=0.5` (what W&B
     # sweep agents pass) addresses keys jsonargparse cannot; untouched when no key has one.
+    materialized: list[str] = []
     if any("[" in arg for arg in command_line):
         args = expand_path_overrides(command_line)
-    CompressLightCLI(args=args)  # None: LightningCLI reads sys.argv itself
+        # The materialized config is a temporary file; the run keeps its own copy (config.yaml).
+        materialized = [path for path in _config_files(args) if path not in _config_files(command_line)]
+    try:
+        CompressLightCLI(args=args)  # None: LightningCLI reads sys.argv itself
+    finally:
+        for path in materialized:
+            Path(path).unlink(missing_ok=True)
+
+
+def _config_files(args: list[str]) -> list[str]:
+    """The values of `--config` in a command line."""
+    files = [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    return files + [value for flag, value in itertools.pairwise(args) if flag == "--config"]
 
 
 if __name__ == "__main__":
