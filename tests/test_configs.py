@@ -75,10 +75,12 @@ def test_config_instantiates_what_it_says(path, tmp_path, monkeypatch):
     trainer_config = config.get("trainer", {})
     if "max_epochs" in trainer_config:
         assert trainer.max_epochs == trainer_config["max_epochs"]
-    for entry in trainer_config.get("callbacks", []):
+    entries = trainer_config.get("callbacks", [])
+    for entry in entries:
         callback_class = resolve_class(entry["class_path"])
         matches = [callback for callback in trainer.callbacks if type(callback) is callback_class]
-        assert len(matches) == 1, entry["class_path"]
+        expected = sum(resolve_class(other["class_path"]) is callback_class for other in entries)
+        assert len(matches) == expected, entry["class_path"]
     logger_config = trainer_config.get("logger")
     if isinstance(logger_config, dict):
         assert type(trainer.logger) is resolve_class(logger_config["class_path"])
