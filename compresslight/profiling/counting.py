@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from compresslight.profiling.progress import quiet_profiler_output
 from compresslight.profiling.results import LayerCost, ParameterCount
 from compresslight.profiling.timing import synchronize
 
@@ -156,7 +157,7 @@ def measure_peak_bytes(step: Callable[[], Any], device: torch.device) -> int | N
 
 def _cpu_peak_bytes(step: Callable[[], Any]) -> int | None:
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+    with quiet_profiler_output(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         step()
     try:
         events = prof.profiler.kineto_results.events()

@@ -65,8 +65,8 @@ def profile(
             `warmup` < 0, `iters` < 1, `threads` < 1, a model spread over several devices, or
             an input shape the model rejects (the message has the shape and the model's error).
     """
-    shape = _validate_input_shape(input_shape)
-    sizes = _validate_batch_sizes(batch_sizes)
+    shape = validate_input_shape(input_shape)
+    sizes = validate_batch_sizes(batch_sizes)
     target_device = resolve_device(device)
     backends = validate_backends(backends, target_device)
     if warmup < 0:
@@ -77,7 +77,7 @@ def profile(
         raise ValueError(f"`threads` must be an int >= 1 or None, got {threads!r}.")
     name = name or type(model).__name__
 
-    with _restored(model), num_threads(threads) as used_threads, _forked_rng(target_device):
+    with restored(model), num_threads(threads) as used_threads, _forked_rng(target_device):
         model.to(target_device)
         environment = collect_environment(target_device, used_threads, backends)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -97,10 +97,10 @@ def profile(
         latency: list[LatencyEntry] = []
         for batch_size in sizes:
             batch = make_input(batch_size)
-            blocker = _train_mode_batch_norm_blocker(model, batch) if do_train else None
+            blocker = train_mode_batch_norm_blocker(model, batch) if do_train else None
             if blocker is not None:
                 log.warning("%s: no train-step measurements at batch size %d: %s", name, batch_size, blocker)
-            loss_fn = _loss_fn(model, batch, generator) if do_train and blocker is None else None
+            loss_fn = train_loss_fn(model, batch, generator) if do_train and blocker is None else None
             memory.append(_memory_profile(model, batch, loss_fn, params, target_device, measure_memory))
             for backend in backends:
                 latency.append(
@@ -125,7 +125,7 @@ def profile(
     )
 
 
-def _validate_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+def validate_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     try:
         shape = tuple(input_shape)
     except TypeError:
@@ -138,7 +138,7 @@ def _validate_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _validate_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
+def validate_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
     if isinstance(batch_sizes, int):
         batch_sizes = (batch_sizes,)
     sizes = tuple(dict.fromkeys(batch_sizes))
@@ -168,7 +168,7 @@ def _has_trainable_parameters(model: nn.Module, name: str) -> bool:
     return False
 
 
-def _train_mode_batch_norm_blocker(model: nn.Module, batch: torch.Tensor) -> str | None:
+def train_mode_batch_norm_blocker(model: nn.Module, batch: torch.Tensor) -> str | None:
     """Why a train step cannot run at this batch size, or None.
 
     A train-mode BatchNorm refuses one value per channel (a `BatchNorm1d` head at batch 1, or a
@@ -213,7 +213,7 @@ def _logits(output: Any) -> torch.Tensor:
     return output
 
 
-def _loss_fn(model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> Callable[[Any], torch.Tensor]:
+def train_loss_fn(model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> Callable[[Any], torch.Tensor]:
     """Cross-entropy against a fixed random target shaped like the model's output."""
     model.eval()
     with torch.inference_mode():
@@ -331,7 +331,7 @@ def _entry(backend: str, mode: str, batch_size: int, stats: Any, warmup: int) ->
 
 
 @contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
+def restored(model: nn.Module) -> Iterator[None]:
     """Puts back mode, device, requires_grad, gradients and buffers of `model` on exit."""
     devices = {t.device for t in (*model.parameters(), *model.buffers())}
     if len(devices) > 1:
