@@ -6,31 +6,24 @@ compression callback calls `on_compression`. Each time it writes `profile.json`,
 and (once there is a comparison) `profile.png` into the run's log dir, and logs scalars to every
 logger. The heavy lifting is `compresslight.profiling` (`profile`, `compare`, `write_report`).
 
-Logged keys (`{setting}` is `bs{B}_t{T}_{backend}`, e.g. `bs1_t2_torch`, `bs32_t1_onnxruntime`;
-when several devices are profiled it ends in `_{device}`, e.g. `bs1_t1_torch_cuda0`):
+At fit end (and after a compression event) the observed speedup is measured **side by side**:
+a frozen CPU copy of the model taken when the baseline was profiled and the model now alternate
+in rounds in one process (`compresslight.profiling.side_by_side`), and the report gives each
+speedup with its confidence interval and a verdict (faster / not distinguishable / slower).
+`side_by_side=False` falls back to the old two-time comparison (two profiles taken at different
+times, divided; labelled "two-time" in every report) for models too big to keep twice; so does
+a run resumed from a checkpoint, which holds the baseline's profile but not its copy.
 
-| key | value |
-|---|---|
-| `profile/params` | parameters |
-| `profile/params_bytes` | parameter bytes |
-| `profile/macs` | forward MACs at batch size 1 |
-| `profile/flops` | forward FLOPs at batch size 1 (2 x MACs) |
-| `profile/memory_estimate_bytes/{inference,train}/bs{B}` | estimated total memory |
-| `profile/memory_measured_bytes/{inference,train}/bs{B}` | measured peak (where the platform allows) |
-| `profile/inference_latency_ms/{setting}` | median inference latency |
-| `profile/train_latency_ms/{setting}` | median train-step latency (torch only) |
-| `profile/inference_images_per_s/{setting}`, `profile/train_images_per_s/{setting}` | throughput |
-| `profile/params_compression` | parameter bytes, baseline / now |
-| `profile/memory_compression/bs{B}` | estimated train-step memory, baseline / now |
-| `profile/theoretical_speedup` | FLOPs, baseline / now |
-| `profile/observed_speedup/{inference,train}/{setting}` | median latency, baseline / now |
-| `profile/observed_over_theoretical/{inference,train}/{setting}` | observed / theoretical |
+The console gets a short summary (the speedup rows); the full tables go to the files. Profiling
+and the side-by-side rounds show progress bars when the Trainer's progress bar is on.
 
-The comparison keys appear once there is something to compare (at fit end and after a
-compression event). The memory keys carry a device suffix like the settings when several
-devices are profiled. Values are logged at `trainer.global_step`; with a `WandbLogger` the
-callback also logs `profile/table` (a table of every measurement) and `profile/plot` (the
-observed vs theoretical speedup plot).
+Logged keys: `compresslight.profiling.keys` (one definition, shared with the sweeps), e.g.
+`profile/inference_latency_ms/bs1_t2_torch`, `profile/observed_speedup/inference/bs1_t2_torch` and
+its interval `profile/observed_speedup_low/...`, `profile/observed_speedup_high/...`. The
+comparison keys appear once there is something to compare (at fit end and after a compression
+event). Values are logged at `trainer.global_step`; with a `WandbLogger` the callback also logs
+`profile/table` (a table of every measurement) and `profile/plot` (the observed vs theoretical
+speedup plot, with error bars).
 
 Under DDP only global rank 0 profiles; the others skip, and nothing here is a collective
 (the log dir, whose lookup broadcasts, is resolved in `setup`, which every rank runs).
@@ -38,6 +31,7 @@ Under DDP only global rank 0 profiles; the others skip, and nothing here is a co
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,7 +51,10 @@ from compresslight.profiling import (
     write_report,
 )
 from compresslight.profiling.backends import validate_backends
-from compresslight.profiling.report import PLOT_NAME
+from compresslight.profiling.compare import speedup_summary
+from compresslight.profiling.keys import profile_metrics
+from compresslight.profiling.report import PLOT_NAME, measure_side_by_side
+from compresslight.profiling.side_by_side import SideBySide
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +76,18 @@ class ProfileCallback(Callback):
         on_fit_end: profile again when fitting ends and compare with the baseline.
         after_compression: profile again whenever a compression callback calls `on_compression`.
         output_dir: where to write profile.json/.md/.png; None: `trainer.log_dir`.
+        side_by_side: measure the speedup side by side against a frozen CPU copy of the
+            baseline (kept from fit start); False: the old two-time comparison (labelled so).
+        min_rounds: side-by-side rounds before a stopping rule applies (>= 2).
+        max_rounds: side-by-side rounds at most, per setting.
+        target_width: stop once every interval's (high - low) / estimate is at most this.
+        time_budget_s: stop once a setting's rounds took this long (None: no budget).
+        confidence: the intervals' level.
 
     Raises:
         ValueError: for a batch size <= 0, an unknown backend, a device that does not exist
-            here, a thread count < 1, `warmup` < 0, `iters` < 1 or an invalid `input_shape`.
+            here, a thread count < 1, `warmup` < 0, `iters` < 1, an invalid `input_shape` or
+            invalid side-by-side options (see `SideBySide`).
     """
 
     def __init__(
@@ -98,6 +103,12 @@ class ProfileCallback(Callback):
         on_fit_end: bool = True,
         after_compression: bool = False,
         output_dir: str | Path | None = None,
+        side_by_side: bool = True,
+        min_rounds: int = 5,
+        max_rounds: int = 20,
+        target_width: float | None = 0.10,
+        time_budget_s: float | None = 60.0,
+        confidence: float = 0.95,
     ) -> None:
         super().__init__()
         batch_sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
@@ -121,13 +132,17 @@ class ProfileCallback(Callback):
         if iters < 1:
             raise ValueError(f"`iters` must be >= 1, got {iters!r}.")
         if input_shape is not None and (
-            not list(input_shape)
-            or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in input_shape)
+            not list(input_shape) or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in input_shape)
         ):
             raise ValueError(
                 "`input_shape` must be positive ints without the batch dimension, e.g. (3, 32, 32), "
                 f"got {input_shape!r}."
             )
+        self.side_by_side = side_by_side
+        self.rounds = SideBySide(
+            warmup=warmup, iters=iters, min_rounds=min_rounds, max_rounds=max_rounds, target_width=target_width,
+            time_budget_s=time_budget_s, confidence=confidence,
+        )  # fmt: skip
         self.batch_sizes = batch_sizes
         self.threads = thread_list
         self.warmup = warmup
@@ -141,7 +156,9 @@ class ProfileCallback(Callback):
         self.baseline: list[ModelProfile] = []
         self.latest: list[ModelProfile] = []
         self.reports: list[SpeedupReport] = []
+        self.baseline_model: torch.nn.Module | None = None
         self._log_dir: Path | None = None
+        self._progress = True
 
     @property
     @override
@@ -155,13 +172,16 @@ class ProfileCallback(Callback):
         # `trainer.log_dir` broadcasts under DDP: resolve it here, where every rank runs, so the
         # rank-0-only hooks below never call a collective alone.
         self._log_dir = self.output_dir if self.output_dir is not None else Path(trainer.log_dir or ".")
+        self._progress = getattr(trainer, "progress_bar_callback", None) is not None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.profile_on_fit_start or not trainer.is_global_zero:
             return
         if self.baseline:
-            log.info("ProfileCallback: keeping the baseline profiled before compression (or restored from the checkpoint).")
+            log.info(
+                "ProfileCallback: keeping the baseline profiled before compression (or restored from the checkpoint)."
+            )
             return
         self._profile_baseline(trainer, pl_module)
 
@@ -179,6 +199,8 @@ class ProfileCallback(Callback):
 
     def _profile_baseline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.baseline = self._profile(trainer, pl_module, name="baseline")
+        if self.side_by_side:
+            self.baseline_model = _frozen_copy(pl_module)
         self._log_metrics(trainer, self.baseline, [])
         self._write(trainer, pl_module)
 
@@ -212,9 +234,24 @@ class ProfileCallback(Callback):
 
     def _profile_and_compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
         self.latest = self._profile(trainer, pl_module, name=name)
+        paired = None
+        if self.side_by_side and self.baseline_model is None and self.baseline:
+            log.warning(
+                "ProfileCallback: no copy of the baseline model (resumed from a checkpoint, or it could not be "
+                "copied); falling back to the TWO-TIME comparison, labelled so in the report."
+            )
+        elif self.side_by_side and self.baseline:
+            paired = measure_side_by_side(
+                self.baseline_model, pl_module, self._resolve_input_shape(trainer, pl_module),
+                baseline_name=self.baseline[0].name, name=name, devices=self._devices(trainer), threads=self.threads,
+                options=self.rounds, progress=self._progress, batch_sizes=self.batch_sizes, backends=self.backends,
+                train=not _has_synced_batch_norm(trainer, pl_module),
+            )  # fmt: skip
         # A run resumed on another machine has a baseline from elsewhere: compare anyway, with
         # the warning `compare` emits and the differences written into the report.
-        self.reports = compare_matching(self.baseline, self.latest, allow_environment_mismatch=True)
+        self.reports = compare_matching(
+            self.baseline, self.latest, allow_environment_mismatch=True, side_by_side=paired
+        )
         self._log_metrics(trainer, self.latest, self.reports)
         self._write(trainer, pl_module)
 
@@ -222,11 +259,10 @@ class ProfileCallback(Callback):
         # `pl_module` is the bare module, not the DDP wrapper: its forward runs no collective, and
         # DDP's gradient hooks stay idle outside a wrapped forward/backward (the reducer only
         # expects gradients after DDP's own forward), so rank 0 can run train steps alone.
-        devices = self.devices or [str(trainer.strategy.root_device)]
         return profile_settings(
             pl_module,
             self._resolve_input_shape(trainer, pl_module),
-            devices=devices,
+            devices=self._devices(trainer),
             threads=self.threads,
             batch_sizes=self.batch_sizes,
             warmup=self.warmup,
@@ -234,7 +270,11 @@ class ProfileCallback(Callback):
             backends=self.backends,
             train=not _has_synced_batch_norm(trainer, pl_module),
             name=name,
+            progress=self._progress,
         )
+
+    def _devices(self, trainer: pl.Trainer) -> list[str]:
+        return self.devices or [str(trainer.strategy.root_device)]
 
     def _resolve_input_shape(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[int]:
         if self.input_shape is not None:
@@ -254,10 +294,10 @@ class ProfileCallback(Callback):
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out_dir = self._log_dir if self._log_dir is not None else Path(self.output_dir or trainer.default_root_dir)
-        markdown = write_report(
-            out_dir, self.baseline, self.latest, self.reports, title=f"Profile of {type(pl_module).__name__}"
-        )
-        log.info("ProfileCallback wrote %s.\n%s", out_dir / "profile.md", markdown)
+        # The full tables go to the files; the console gets the speedup rows only.
+        write_report(out_dir, self.baseline, self.latest, self.reports, title=f"Profile of {type(pl_module).__name__}")
+        summary = f"\n{speedup_summary(self.reports)}" if self.reports else ""
+        log.info("ProfileCallback wrote %s.%s", out_dir / "profile.md", summary)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 columns, rows = _table(self.baseline, self.latest)
@@ -267,42 +307,24 @@ class ProfileCallback(Callback):
                     logger.log_image(key="profile/plot", images=[str(plot)])
 
     def _log_metrics(self, trainer: pl.Trainer, profiles: list[ModelProfile], reports: list[SpeedupReport]) -> None:
-        multi_device = len({p.environment.device for p in profiles}) > 1
-        metrics: dict[str, float] = {}
-        for p in profiles:
-            device_suffix = "_" + p.environment.device.replace(":", "") if multi_device else ""
-            metrics["profile/params"] = p.params.total
-            metrics["profile/params_bytes"] = p.params.bytes
-            metrics["profile/macs"] = p.macs
-            metrics["profile/flops"] = p.flops
-            for m in p.memory:
-                for mode, estimate, measured in (
-                    ("inference", m.inference_total_bytes, m.measured_inference_peak_bytes),
-                    ("train", m.train_total_bytes, m.measured_train_peak_bytes),
-                ):
-                    if estimate is not None:
-                        metrics[f"profile/memory_estimate_bytes/{mode}/bs{m.batch_size}{device_suffix}"] = estimate
-                    if measured is not None:
-                        metrics[f"profile/memory_measured_bytes/{mode}/bs{m.batch_size}{device_suffix}"] = measured
-            for e in p.latency:
-                setting = f"bs{e.batch_size}_t{p.environment.threads}_{e.backend}{device_suffix}"
-                metrics[f"profile/{e.mode}_latency_ms/{setting}"] = e.median_ms
-                metrics[f"profile/{e.mode}_images_per_s/{setting}"] = e.images_per_s
-        for r in reports:
-            profile = next(p for p in profiles if p.environment.label == r.setting)
-            device_suffix = "_" + profile.environment.device.replace(":", "") if multi_device else ""
-            metrics["profile/params_compression"] = r.params_compression
-            metrics["profile/theoretical_speedup"] = r.theoretical_speedup
-            for m in r.memory_compression:
-                ratio = m.train if m.train is not None else m.inference
-                metrics[f"profile/memory_compression/bs{m.batch_size}"] = ratio
-            for s in r.speedups:
-                setting = f"bs{s.batch_size}_t{profile.environment.threads}_{s.backend}{device_suffix}"
-                metrics[f"profile/observed_speedup/{s.mode}/{setting}"] = s.observed
-                metrics[f"profile/observed_over_theoretical/{s.mode}/{setting}"] = s.observed_over_theoretical
+        metrics = profile_metrics(profiles, reports)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
+
+
+def _frozen_copy(pl_module: pl.LightningModule) -> torch.nn.Module | None:
+    """A CPU copy of the module as it is now (the side-by-side baseline), or None if it cannot be copied."""
+    try:
+        # LightningModule.__getstate__ drops the trainer, so this copies the network only.
+        frozen = copy.deepcopy(pl_module)
+    except Exception as error:  # noqa: BLE001 - any copy failure means: fall back, and say why
+        log.warning(
+            "ProfileCallback: could not copy the baseline model (%s: %s); the comparison at fit end will be "
+            "TWO-TIME.", type(error).__name__, error,
+        )  # fmt: skip
+        return None
+    return frozen.cpu()
 
 
 def _has_synced_batch_norm(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -320,8 +342,17 @@ def _table(baseline: list[ModelProfile], latest: list[ModelProfile]) -> tuple[li
     ]  # fmt: skip
     rows = [
         [
-            p.name, p.environment.label, e.backend, e.mode, e.batch_size, e.median_ms,
-            e.stats.min_s * 1e3, e.stats.max_s * 1e3, e.images_per_s, p.params.total, p.macs,
+            p.name,
+            p.environment.label,
+            e.backend,
+            e.mode,
+            e.batch_size,
+            e.median_ms,
+            e.stats.min_s * 1e3,
+            e.stats.max_s * 1e3,
+            e.images_per_s,
+            p.params.total,
+            p.macs,
         ]  # fmt: skip
         for p in (*baseline, *latest)
         for e in p.latency

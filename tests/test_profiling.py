@@ -227,8 +227,9 @@ def test_compare_computes_paper_ratios_exactly() -> None:
     assert train.observed_over_theoretical == pytest.approx(0.5)
     assert report.environment_mismatch == []
     markdown = report.to_markdown()
-    assert "| 1 | pruned | 4.00 | 2.50 | 4.00 | 2.50 / 2.00 |" in markdown
+    assert "| 1 | pruned | 4.00 | 2.50 | 4.00 | 2.50x / 2.00x |" in markdown
     assert "| 1 | pruned | 4.00 | 2.50 | 4.00 | 0.62 / 0.50 |" in markdown
+    assert report.method == "two-time" and "**Two-time comparison**" in markdown
     assert "Observed speedup: Inference / Train (Test CPU (cpu, 1 thread), torch)" in markdown
 
 
@@ -238,7 +239,7 @@ def test_compare_skips_measurements_only_one_side_has_and_handles_zero_flops() -
     report = compare(baseline, other)
     assert [s.mode for s in report.speedups] == ["inference"]
     assert math.isnan(report.theoretical_speedup)
-    assert "1.00 / –" in report.to_markdown()
+    assert "1.00x / –" in report.to_markdown()
 
 
 @pytest.mark.parametrize(

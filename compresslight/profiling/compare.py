@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compresslight.profiling.results import INFERENCE, MODES, TRAIN, ModelProfile
+from compresslight.profiling.side_by_side import SideBySideReport, format_speedup, side_by_side_note
+
+SIDE_BY_SIDE = "side-by-side"
+TWO_TIME = "two-time"
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,18 @@ class ObservedSpeedup:
         backend: "torch" or "onnxruntime".
         mode: "inference" or "train".
         batch_size: images per call.
-        baseline_median_s: the baseline's median latency.
+        baseline_median_s: the baseline's median latency (side by side: median over rounds).
         compressed_median_s: the compressed model's median latency.
-        observed: `baseline_median_s / compressed_median_s`.
+        observed: the speedup: side by side, the geometric mean of the per-round ratios;
+            two-time, `baseline_median_s / compressed_median_s`.
         observed_over_theoretical: `observed / theoretical_speedup` (1.0: FLOPs told the truth).
+        method: "side-by-side" (paired rounds in one process) or "two-time" (two profiles taken
+            at different times divided: machine load in between lands in the ratio).
+        low: lower bound of the confidence interval (side by side only).
+        high: upper bound.
+        confidence: the interval's level.
+        verdict: "faster", "not distinguishable" or "slower" (side by side only).
+        rounds: paired rounds measured.
     """
 
     backend: str
@@ -59,6 +71,16 @@ class ObservedSpeedup:
     compressed_median_s: float
     observed: float
     observed_over_theoretical: float
+    method: str = TWO_TIME
+    low: float | None = None
+    high: float | None = None
+    confidence: float | None = None
+    verdict: str | None = None
+    rounds: int | None = None
+
+    def label(self) -> str:
+        """`1.23x [1.15, 1.31]` (side by side) or `1.23x` (two-time)."""
+        return format_speedup(self.observed, self.low, self.high)
 
 
 @dataclasses.dataclass
@@ -74,6 +96,9 @@ class SpeedupReport:
         theoretical_speedup: forward FLOPs at batch size 1, baseline / compressed.
         memory_compression: one entry per batch size both profiles have.
         speedups: one entry per (backend, mode, batch size) both profiles measured.
+        method: how the observed speedups were measured: "side-by-side" or "two-time".
+        side_by_side: the side-by-side measurement behind them (`SideBySideReport.to_dict()` of
+            this setting), None for a two-time comparison.
     """
 
     baseline_name: str
@@ -84,15 +109,18 @@ class SpeedupReport:
     theoretical_speedup: float
     memory_compression: list[MemoryCompression]
     speedups: list[ObservedSpeedup]
+    method: str = TWO_TIME
+    side_by_side: dict[str, Any] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether the side-by-side measurement ran on a busy machine."""
+        return bool(self.side_by_side and self.side_by_side.get("busy"))
 
     def speedup(self, mode: str, batch_size: int, backend: str = "torch") -> ObservedSpeedup | None:
         """The observed speedup for (`mode`, `batch_size`, `backend`), None if not measured."""
         return next(
-            (
-                s
-                for s in self.speedups
-                if s.mode == mode and s.batch_size == batch_size and s.backend == backend
-            ),
+            (s for s in self.speedups if s.mode == mode and s.batch_size == batch_size and s.backend == backend),
             None,
         )
 
@@ -123,15 +151,25 @@ class SpeedupReport:
 
 
 def compare(
-    baseline: ModelProfile, compressed: ModelProfile, allow_environment_mismatch: bool = False
+    baseline: ModelProfile,
+    compressed: ModelProfile,
+    allow_environment_mismatch: bool = False,
+    side_by_side: SideBySideReport | None = None,
 ) -> SpeedupReport:
     """Compares `compressed` with `baseline`: memory compression, theoretical and observed speedup.
+
+    The observed speedup comes from `side_by_side` when given (the contenders named like the
+    profiles, `compare_models`), matched by batch size, mode, backend, threads and device:
+    paired rounds, with an interval and a verdict. Without it, the two profiles' median
+    latencies are divided: a "two-time" comparison, which on a shared machine carries whatever
+    load changed between the two measurements, and is labelled so in every rendering.
 
     Args:
         baseline: the uncompressed model's profile.
         compressed: the compressed model's profile, from the same machine and settings.
         allow_environment_mismatch: compare profiles from different environments anyway, with a
             warning; the report lists the differences.
+        side_by_side: a side-by-side measurement of the two models.
 
     Raises:
         ValueError: if the input shapes differ, or the environments differ and
@@ -149,8 +187,10 @@ def compare(
             f"({'; '.join(mismatch)}); their latencies are not comparable."
         )
         if not allow_environment_mismatch:
-            raise ValueError(message + " Profile both on the same machine with the same settings, or pass "
-                             "`allow_environment_mismatch=True` to compare anyway.")
+            raise ValueError(
+                message + " Profile both on the same machine with the same settings, or pass "
+                "`allow_environment_mismatch=True` to compare anyway."
+            )
         warnings.warn(message, UserWarning, stacklevel=2)
         log.warning(message)
 
@@ -171,20 +211,45 @@ def compare(
             )
         )
     speedups = []
+    used = []
+    env = compressed.environment
     for base_entry in baseline.latency:
         other_entry = compressed.latency_of(base_entry.mode, base_entry.batch_size, base_entry.backend)
         if other_entry is None:
             continue
-        observed = _ratio(base_entry.stats.median_s, other_entry.stats.median_s)
+        kind = dict(backend=base_entry.backend, mode=base_entry.mode, batch_size=base_entry.batch_size)
+        if side_by_side is None:
+            observed = _ratio(base_entry.stats.median_s, other_entry.stats.median_s)
+            speedups.append(
+                ObservedSpeedup(
+                    **kind,
+                    baseline_median_s=base_entry.stats.median_s,
+                    compressed_median_s=other_entry.stats.median_s,
+                    observed=observed,
+                    observed_over_theoretical=_ratio(observed, theoretical),
+                )
+            )
+            continue
+        setting = dict(kind, threads=env.threads, device=env.device)
+        result = side_by_side.result_for(**setting)
+        paired = None if result is None else next((p for p in result.speedups if p.candidate == compressed.name), None)
+        if paired is None:
+            log.warning("No side-by-side measurement of %r for %s; not compared.", compressed.name, setting)
+            continue
+        used.append(result)
         speedups.append(
             ObservedSpeedup(
-                backend=base_entry.backend,
-                mode=base_entry.mode,
-                batch_size=base_entry.batch_size,
-                baseline_median_s=base_entry.stats.median_s,
-                compressed_median_s=other_entry.stats.median_s,
-                observed=observed,
-                observed_over_theoretical=_ratio(observed, theoretical),
+                **kind,
+                baseline_median_s=paired.baseline_median_s,
+                compressed_median_s=paired.candidate_median_s,
+                observed=paired.estimate,
+                observed_over_theoretical=_ratio(paired.estimate, theoretical),
+                method=SIDE_BY_SIDE,
+                low=paired.low,
+                high=paired.high,
+                confidence=paired.confidence,
+                verdict=paired.verdict,
+                rounds=paired.rounds,
             )
         )
     return SpeedupReport(
@@ -196,6 +261,8 @@ def compare(
         theoretical_speedup=theoretical,
         memory_compression=memory,
         speedups=speedups,
+        method=TWO_TIME if side_by_side is None else SIDE_BY_SIDE,
+        side_by_side=None if side_by_side is None else SideBySideReport(used).to_dict(),
     )
 
 
@@ -203,6 +270,7 @@ def compare_matching(
     baselines: Sequence[ModelProfile],
     compressed: Sequence[ModelProfile],
     allow_environment_mismatch: bool = False,
+    side_by_side: SideBySideReport | None = None,
 ) -> list[SpeedupReport]:
     """Compares each compressed profile with the baseline measured with the same device and threads.
 
@@ -210,6 +278,7 @@ def compare_matching(
         baselines: baseline profiles, one per (device, threads) setting.
         compressed: compressed-model profiles, one per setting.
         allow_environment_mismatch: passed to `compare` (e.g. a run resumed on another host).
+        side_by_side: passed to `compare`.
 
     Raises:
         ValueError: as `compare`.
@@ -223,7 +292,9 @@ def compare_matching(
                 "No baseline profile measured on %s; %r is not compared.", profile.environment.label, profile.name
             )
             continue
-        reports.append(compare(match, profile, allow_environment_mismatch=allow_environment_mismatch))
+        reports.append(
+            compare(match, profile, allow_environment_mismatch=allow_environment_mismatch, side_by_side=side_by_side)
+        )
     return reports
 
 
@@ -249,7 +320,7 @@ def speedup_markdown(reports: Sequence[SpeedupReport]) -> str:
         values = []
         for mode in MODES:
             entry = report.speedup(mode, batch_size, backend)
-            values.append("–" if entry is None else f"{getattr(entry, field):.2f}")
+            values.append("–" if entry is None else _cell(entry, field, report.theoretical_speedup))
         return " / ".join(values)
 
     baseline_names = sorted({r.baseline_name for r in reports})
@@ -258,6 +329,25 @@ def speedup_markdown(reports: Sequence[SpeedupReport]) -> str:
         "Higher is better, below 1.0 indicates a bigger/slower model.",
         "",
     ]
+    methods = {r.method for r in reports}
+    if TWO_TIME in methods:
+        lines += [
+            "**Two-time comparison**: the baseline and the model were profiled at different times and their "
+            "median latencies divided; whatever else loaded the machine in between lands in the ratio "
+            "(no interval, no verdict). Measure side by side for a speedup you can trust.",
+            "",
+        ]
+    if SIDE_BY_SIDE in methods:
+        confidence = next((s.confidence for r in reports for s in r.speedups if s.confidence), 0.95)
+        lines += [
+            f"Observed speedup measured **side by side**: `estimate [{confidence:.0%} confidence interval]` and "
+            "the verdict (faster / ~ not distinguishable / slower).",
+            "",
+        ]
+    busy = [r for r in reports if r.busy]
+    if busy:
+        results = [res for r in busy for res in SideBySideReport.from_dict(r.side_by_side).results]
+        lines += [side_by_side_note(results).split("\n\n", 1)[-1], ""]
     for report in reports:
         if report.environment_mismatch:
             lines.append(
@@ -287,10 +377,26 @@ def speedup_markdown(reports: Sequence[SpeedupReport]) -> str:
     lines.append(
         "Params compression: parameter bytes. Memory compression: estimated total of a train step (parameters, "
         "buffers, input, gradients, saved activations; inference total where no train step was profiled). "
-        "Theoretical speedup: forward FLOPs at batch size 1. Observed speedup: median latency. "
+        "Theoretical speedup: forward FLOPs at batch size 1. Observed speedup: latency, paired per round when "
+        "measured side by side (geometric mean over rounds, bootstrap interval), else the ratio of two medians. "
         "All ratios baseline / compressed; `–`: not measured (ONNX Runtime is inference only)."
     )
     return "\n".join(lines) + "\n"
+
+
+def speedup_summary(reports: Sequence[SpeedupReport]) -> str:
+    """A few lines for the console: one per observed speedup, with interval and verdict."""
+    lines = []
+    for report in reports:
+        how = "side by side" if report.method == SIDE_BY_SIDE else "TWO-TIME (not paired: load in between counts)"
+        lines.append(
+            f"{report.compressed_name} vs {report.baseline_name} on {report.setting}, {how}; "
+            f"theoretical {report.theoretical_speedup:.2f}x" + (" - measured on a BUSY machine" if report.busy else "")
+        )
+        for s in report.speedups:
+            verdict = f" {s.verdict}" if s.verdict else ""
+            lines.append(f"  bs{s.batch_size} {s.backend} {s.mode}: {s.label()}{verdict}")
+    return "\n".join(lines)
 
 
 def plot_speedups(reports: Sequence[SpeedupReport], path: str | Path) -> Path:
@@ -328,22 +434,43 @@ def plot_speedups(reports: Sequence[SpeedupReport], path: str | Path) -> Path:
                 continue
             xs = [r.theoretical_speedup for r, _ in selected]
             ys = [s.observed for _, s in selected]
-            axes.scatter(xs, ys, marker=markers[mode], color=color, label=f"{method}, {backend}, {mode} ({setting})")
+            # Error bars: the side-by-side confidence interval (none for a two-time comparison).
+            below = [s.observed - s.low if s.low is not None else 0.0 for _, s in selected]
+            above = [s.high - s.observed if s.high is not None else 0.0 for _, s in selected]
+            axes.errorbar(
+                xs, ys, yerr=[below, above], fmt=markers[mode], color=color, capsize=3,
+                label=f"{method}, {backend}, {mode} ({setting})",
+            )  # fmt: skip
             for x, y, (_, s) in zip(xs, ys, selected):
                 axes.annotate(f"bs{s.batch_size}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     finite = [r.theoretical_speedup for r, _ in points if math.isfinite(r.theoretical_speedup)]
-    top = max([1.0, *finite, *(s.observed for _, s in points)]) * 1.1
+    top = max([1.0, *finite, *(s.high if s.high is not None else s.observed for _, s in points)]) * 1.1
     axes.plot([0, top], [0, top], linestyle="--", color="gray", label="equal speedup")
     axes.set_xlim(0, top)
     axes.set_ylim(0, top)
     axes.set_xlabel("Theoretical speedup (FLOPs ratio)")
-    axes.set_ylabel("Observed speedup (median latency ratio)")
+    paired = any(s.low is not None for _, s in points)
+    axes.set_ylabel("Observed speedup (side by side, with interval)" if paired else "Observed speedup (two-time ratio)")
     axes.set_title("Observed vs theoretical speedup")
     axes.legend(fontsize=7, loc="upper left")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=120)
     return path
+
+
+_VERDICT_MARKS = {"faster": "faster", "not distinguishable": "~", "slower": "slower"}
+
+
+def _cell(entry: ObservedSpeedup, field: str, theoretical: float) -> str:
+    """`1.23x [1.15, 1.31] faster`, or the observed / theoretical ratio with its interval."""
+    if field == "observed":
+        text = entry.label()
+        return f"{text} {_VERDICT_MARKS.get(entry.verdict, entry.verdict)}" if entry.verdict else text
+    value = entry.observed_over_theoretical
+    if entry.low is None or entry.high is None:
+        return f"{value:.2f}"
+    return f"{value:.2f} [{_ratio(entry.low, theoretical):.2f}, {_ratio(entry.high, theoretical):.2f}]"
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -54,6 +54,12 @@ class _NoBar:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> _NoBar:  # noqa: PYI034 - tqdm's own __enter__ is typed the same way
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def progress_bar(total: int | None, desc: str, enabled: bool | None = None, leave: bool = False) -> Any:
     """A tqdm bar in Lightning's style, or a no-op stand-in when bars are off.

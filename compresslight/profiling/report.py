@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from compresslight.profiling.compare import SpeedupReport, compare_matching, plot_speedups, speedup_markdown
+from compresslight.profiling.progress import progress_bar
+from compresslight.profiling.side_by_side import SideBySide, SideBySideReport, compare_models
 from compresslight.profiling.profiler import profile
 from compresslight.profiling.results import MODES, ModelProfile
 
@@ -32,6 +34,7 @@ def profile_settings(
     input_shape: Sequence[int],
     devices: Sequence[str | torch.device] = ("cpu",),
     threads: Sequence[int | None] = (None,),
+    progress: bool | None = None,
     **profile_kwargs: Any,
 ) -> list[ModelProfile]:
     """Profiles `model` once per (device, threads) setting, e.g. multi- and single-thread CPU.
@@ -41,16 +44,20 @@ def profile_settings(
         input_shape: one input without the batch dimension.
         devices: devices to profile on.
         threads: thread counts to profile with (None: the current setting).
+        progress: False: no progress bar; None: one when stdout is a terminal.
         **profile_kwargs: the other arguments of `profile` (batch_sizes, warmup, iters, ...).
 
     Raises:
         ValueError: as `profile`.
     """
-    return [
-        profile(model, input_shape, device=device, threads=count, **profile_kwargs)
-        for device in devices
-        for count in threads
-    ]
+    settings = [(device, count) for device in devices for count in threads]
+    profiles = []
+    name = profile_kwargs.get("name") or type(model).__name__
+    with progress_bar(len(settings), f"Profiling {name}", enabled=progress) as bar:
+        for device, count in settings:
+            profiles.append(profile(model, input_shape, device=device, threads=count, **profile_kwargs))
+            bar.update(1)
+    return profiles
 
 
 def write_report(
@@ -79,6 +86,14 @@ def write_report(
     sections = [f"# {title}", ""]
     if reports:
         sections += ["## Compression ratios and speedup", "", speedup_markdown(reports)]
+    measured = [r for r in reports if r.side_by_side]
+    if measured:
+        sections += ["## Side-by-side measurement", ""]
+        sections.append(
+            SideBySideReport(
+                [x for r in measured for x in SideBySideReport.from_dict(r.side_by_side).results]
+            ).to_markdown()
+        )
     for heading, profiles in (("Baseline", baselines), ("Current model", current)):
         for model_profile in profiles:
             sections += [f"## {heading}: {model_profile.name} on {model_profile.environment.label}", ""]
@@ -139,14 +154,18 @@ def profile_and_report(
     name: str = "model",
     baseline_name: str = "baseline",
     allow_environment_mismatch: bool = False,
+    side_by_side: SideBySide | None = None,
+    two_time: bool = False,
+    progress: bool | None = None,
     **profile_kwargs: Any,
 ) -> str:
     """Profiles `model` (and its baseline) and writes profile.json/.md/.png: the `profile` CLI command.
 
     Without a baseline, the model's profile is the report's baseline section. With
-    `baseline_model` (profiled here, with the same settings) or `baseline_profiles` (e.g. read
-    from an earlier run's profile.json with `read_report`), the report adds the comparison
-    table and plot.
+    `baseline_model`, both are profiled here and then measured side by side (`compare_models`:
+    alternating rounds, paired speedups with an interval and a verdict) in every setting; with
+    `baseline_profiles` (e.g. read from an earlier run's profile.json with `read_report`) only
+    a two-time comparison is possible, and the report says so.
 
     Args:
         model: the model to profile (e.g. a compressed checkpoint, records replayed).
@@ -160,6 +179,11 @@ def profile_and_report(
         baseline_name: the baseline's label.
         allow_environment_mismatch: compare against `baseline_profiles` from another
             environment anyway (the report carries a warning).
+        side_by_side: rounds, stopping rules and statistics of the side-by-side measurement
+            (default `SideBySide()`, with this call's `warmup` and `iters`).
+        two_time: divide the two profiles' medians instead of measuring side by side (labelled
+            "two-time" in the report).
+        progress: False: no progress bars; None: on a terminal.
         **profile_kwargs: the other arguments of `profile`: batch_sizes, warmup, iters,
             backends, train, measure_memory.
 
@@ -177,13 +201,59 @@ def profile_and_report(
     device_list = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
     thread_list = [threads] if threads is None or isinstance(threads, int) else list(threads)
     settings = dict(devices=device_list, threads=thread_list, **profile_kwargs)
-    current = profile_settings(model, input_shape, name=name, **settings)
+    current = profile_settings(model, input_shape, name=name, progress=progress, **settings)
     if baseline_model is not None:
-        baseline_profiles = profile_settings(baseline_model, input_shape, name=baseline_name, **settings)
+        baseline_profiles = profile_settings(
+            baseline_model, input_shape, name=baseline_name, progress=progress, **settings
+        )
     if not baseline_profiles:
         return write_report(out_dir, current)
-    reports = compare_matching(baseline_profiles, current, allow_environment_mismatch=allow_environment_mismatch)
+    paired = None
+    if baseline_model is not None and not two_time:
+        paired = measure_side_by_side(
+            baseline_model, model, input_shape, baseline_name=baseline_name, name=name, options=side_by_side,
+            progress=progress, **settings,
+        )  # fmt: skip
+    reports = compare_matching(
+        baseline_profiles, current, allow_environment_mismatch=allow_environment_mismatch, side_by_side=paired
+    )
     return write_report(out_dir, baseline_profiles, current, reports)
+
+
+def measure_side_by_side(
+    baseline_model: nn.Module,
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    baseline_name: str,
+    name: str,
+    devices: Sequence[str | torch.device],
+    threads: Sequence[int | None],
+    options: SideBySide | None = None,
+    progress: bool | None = None,
+    batch_sizes: Sequence[int] = (1,),
+    backends: Sequence[str] = ("torch",),
+    train: bool = True,
+    warmup: int | None = None,
+    iters: int | None = None,
+    **_: Any,
+) -> SideBySideReport:
+    """`compare_models` of the two models in every device and the profile settings (one report).
+
+    `warmup` and `iters` (the profile's) set the per-turn timing unless `options` is given.
+    """
+    if options is None:
+        timing = {k: v for k, v in (("warmup", warmup), ("iters", iters)) if v is not None}
+        options = SideBySide(**timing)
+    modes = ("inference", "train") if train else ("inference",)
+    results = []
+    for device in devices:
+        report = compare_models(
+            {baseline_name: baseline_model, name: model}, input_shape, baseline_name, batch_sizes=batch_sizes,
+            threads=threads, modes=modes, backends=backends, device=device, options=options, progress=progress,
+        )  # fmt: skip
+        results += report.results
+    return SideBySideReport(results)
 
 
 def profile_markdown(model_profile: ModelProfile, max_layers: int | None = None) -> str:

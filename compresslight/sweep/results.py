@@ -21,16 +21,15 @@ import logging
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import Logger
 from typing_extensions import override
 
 from compresslight.profiling.counting import count_macs, count_parameters
+from compresslight.profiling.keys import profile_metrics
 
 log = logging.getLogger(__name__)
 
@@ -156,44 +155,14 @@ def _model_size(pl_module: pl.LightningModule) -> dict[str, float]:
     return sizes
 
 
-class _CapturingLogger(Logger):
-    """Keeps the last value of every metric logged to it, and writes nothing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[str, float] = {}
-
-    @property
-    @override
-    def name(self) -> str:
-        return "sweep"
-
-    @property
-    @override
-    def version(self) -> str:
-        return "0"
-
-    @override
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    @override
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.update({key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))})
-
-
 def _profile_metrics(callback: Callback) -> dict[str, float]:
     """The `profile/...` scalars a ProfileCallback logged for its latest profile and comparison."""
     latest = getattr(callback, "latest", None)
     # By name: compresslight never imports the Lightning adapters in callbacks/ (DESIGN.md).
     if type(callback).__name__ != "ProfileCallback" or not latest:
         return {}
-    # ProfileCallback builds its keys and logs them in one private method; replaying it into a
-    # logger that only records keeps one definition of the keys (callbacks/profile.py).
-    # TODO(lead): replace by a public `profile_metrics(profiles, reports)` once profile.py has one.
-    capture = _CapturingLogger()
-    callback._log_metrics(SimpleNamespace(loggers=[capture], global_step=0), latest, callback.reports)
-    return {key: value for key, value in capture.metrics.items() if math.isfinite(value)}
+    metrics = profile_metrics(latest, callback.reports)  # the keys' one definition, profiling/keys.py
+    return {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
 
 
 __all__ = ["CALLBACK_CLASS_PATH", "PROGRESS_NAME", "RESULTS_NAME", "SweepResultsCallback", "read_progress", "read_results"]

@@ -35,13 +35,13 @@ import difflib
 import fnmatch
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import optuna
 import yaml
 
+from compresslight.profiling import keys as profile_keys
 from compresslight.sweep.fitconfig import resolve_fit_config, split_path_overrides
 from compresslight.sweep.paths import Index, Keys, get_at_path, parse_path, set_at_path
 from compresslight.sweep.storage import open_storage
@@ -60,12 +60,7 @@ CLASSIFIER_METRICS = {
     "train/": ("top1", "top5", "f1", "loss", "loss_epoch"),
 }
 COMPRESSION_METRICS = ("compression/params", "compression/macs")
-PROFILE_FAMILIES = (
-    "params", "params_bytes", "macs", "flops", "memory_estimate_bytes", "memory_measured_bytes",
-    "inference_latency_ms", "train_latency_ms", "inference_images_per_s", "train_images_per_s",
-    "params_compression", "memory_compression", "theoretical_speedup", "observed_speedup",
-    "observed_over_theoretical",
-)  # fmt: skip
+PROFILE_FAMILIES = profile_keys.FAMILIES  # one definition of the ProfileCallback keys
 OBJECTIVE_PREFIXES = ("val/", "train/", "compression/", "profile/")
 
 _TOP_LEVEL = ("base_config", "base_args", "search_space", "objectives", "budget", "engine", "storage", "study_name", "output_dir")
@@ -477,7 +472,7 @@ def _check_produced(name_key: str, name: str, trainer: dict[str, Any], callbacks
 
 
 # ProfileCallback's setting suffix: `bs{B}_t{T}_{backend}` (+ `_{device}` with several devices).
-_SETTING = re.compile(r"^bs(?P<batch>\d+)_t(?P<threads>\d+)_(?P<backend>[a-z]+)(?:_.+)?$")
+_SETTING = profile_keys.SETTING_PATTERN
 
 
 def _check_profile_setting(name_key: str, name: str, profilers: list[dict[str, Any]]) -> None:
