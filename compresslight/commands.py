@@ -39,7 +39,9 @@ def _model_from_config(config_args: list[str], ckpt_path: str | None) -> tuple[n
 
 def profile_command(args: list[str]) -> None:
     """`cli.py profile --config X.yaml [--ckpt_path c.ckpt] [--baseline b.ckpt]`: profile without training."""
-    from compresslight.profiling.report import profile_and_report
+    from compresslight.profiling.compare import speedup_summary
+    from compresslight.profiling.report import profile_and_report, read_report
+    from compresslight.profiling.side_by_side import SideBySide
 
     parser = argparse.ArgumentParser(prog="cli.py profile", description=profile_command.__doc__)
     parser.add_argument("--ckpt_path", help="checkpoint to profile (compression records are replayed)")
@@ -52,7 +54,22 @@ def profile_command(args: list[str]) -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--no_train", action="store_true", help="measure inference only")
     parser.add_argument("--output_dir", default=None, help="where to write profile.json/.md/.png")
+    parser.add_argument("--min_rounds", type=int, default=5, help="side-by-side rounds before any stopping rule")
+    parser.add_argument("--max_rounds", type=int, default=20, help="side-by-side rounds at most, per setting")
+    parser.add_argument("--target_width", type=float, default=0.10, help="stop when (high-low)/estimate <= this")
+    parser.add_argument("--time_budget_s", type=float, default=60.0, help="stop a setting's rounds after this long")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the speedup intervals")
+    parser.add_argument(
+        "--two_time", action="store_true", help="divide two separate profiles instead of measuring side by side"
+    )
     options, config_args = _parse(parser, args)
+    try:
+        rounds = SideBySide(
+            warmup=options.warmup, iters=options.iters, min_rounds=options.min_rounds, max_rounds=options.max_rounds,
+            target_width=options.target_width, time_budget_s=options.time_budget_s, confidence=options.confidence,
+        )  # fmt: skip
+    except ValueError as error:
+        parser.error(str(error))
 
     model, datamodule = _model_from_config(config_args, options.ckpt_path)
     baseline = None
@@ -72,8 +89,16 @@ def profile_command(args: list[str]) -> None:
         warmup=options.warmup,
         iters=options.iters,
         train=not options.no_train,
+        side_by_side=rounds,
+        two_time=options.two_time,
     )
-    print(markdown)
+    if options.output_dir is None:  # nothing written: the console is the only place for the tables
+        print(markdown)
+        return
+    reports = read_report(options.output_dir)[2]
+    if reports:
+        print(speedup_summary(reports))
+    print(f"Full tables in {Path(options.output_dir) / 'profile.md'}")
 
 
 def evaluate_top1(model: nn.Module, datamodule: Any, limit_batches: int | None = None) -> float:

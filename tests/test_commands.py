@@ -54,13 +54,27 @@ def test_profile_command_compares_a_checkpoint_with_its_baseline(fitted, tmp_pat
     config_path, _, checkpoint = fitted
     main(
         ["profile", "--config", str(config_path), "--ckpt_path", str(checkpoint), "--baseline", "init",
-         "--batch_sizes", "1", "2", "--threads", "1", "--warmup", "0", "--iters", "2", "--output_dir", str(tmp_path)]
+         "--batch_sizes", "1", "2", "--threads", "1", "--warmup", "0", "--iters", "2", "--min_rounds", "3",
+         "--max_rounds", "3", "--output_dir", str(tmp_path)]
     )
     printed = capsys.readouterr().out
-    assert "Compression ratios and speedup" in printed
+    # The console gets the speedup rows; the full tables are in profile.md.
+    assert "side by side" in printed and "bs2 torch train: " in printed and "Full tables in" in printed
+    assert "Compression ratios and speedup" in (tmp_path / "profile.md").read_text()
     comparison = json.loads((tmp_path / "profile.json").read_text())["comparisons"][0]
     assert comparison["theoretical_speedup"] > 1.5
+    assert comparison["method"] == "side-by-side"
     assert {entry["batch_size"] for entry in comparison["speedups"]} == {1, 2}
+    for entry in comparison["speedups"]:
+        assert entry["rounds"] == 3 and entry["low"] <= entry["observed"] <= entry["high"]
+        assert entry["verdict"] in ("faster", "not distinguishable", "slower")
+
+
+def test_profile_command_rejects_bad_rounds(fitted, capsys):
+    config_path, _, checkpoint = fitted
+    with pytest.raises(SystemExit):
+        main(["profile", "--config", str(config_path), "--baseline", "init", "--min_rounds", "1"])
+    assert "`min_rounds` must be an int >= 2, got 1" in capsys.readouterr().err
 
 
 def test_sensitivity_command_prunes_each_layer_alone(fitted, tmp_path):
