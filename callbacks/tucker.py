@@ -58,6 +58,7 @@ from compresslight.compression.tucker import (
     selected_layers,
 )
 from compresslight.profiling.counting import count_macs
+from compresslight.profiling.side_by_side import FASTER, format_speedup
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,11 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         train: also time forward + backward, as the `ProfileCallback` does (runtime-aware).
         warmup: untimed calls per measurement (runtime-aware).
         iters: timed calls per measurement, median taken (runtime-aware).
-        rounds: alternating measurements of the two layers per setting, fastest kept
-            (runtime-aware).
-        whole_model: after the per-layer decisions, time the whole decomposed model against the
-            original in the same settings and put layers back until it is not slower in any
-            (runtime-aware; see `RuntimeCheck`).
+        rounds: side-by-side rounds per setting (paired speedup with a confidence interval;
+            >= 2; runtime-aware).
+        whole_model: after the per-layer decisions, measure the whole decomposed model side by
+            side with the original in the same settings and put layers back until it is not
+            significantly slower in any (runtime-aware; see `RuntimeCheck`).
         module_path: the submodule to decompose (see `StructuralCompressionCallback`).
 
     Raises:
@@ -129,7 +130,7 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         train: bool = True,
         warmup: int = 3,
         iters: int = 20,
-        rounds: int = 2,
+        rounds: int = 3,
         whole_model: bool = True,
         module_path: str | None = None,
     ) -> None:
@@ -239,6 +240,7 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
                 batch_sizes=self.batch_sizes, threads=(None,) if self.threads is None else self.threads,
                 device=self.device or str(trainer.strategy.root_device), margin=self.margin, warmup=self.warmup,
                 iters=self.iters, train=self.train, rounds=self.rounds, whole_model=self.whole_model,
+                progress=None if trainer.progress_bar_callback is not None else False,
             )  # fmt: skip
         before = _cost(target, inputs)
         started = time.perf_counter()
@@ -384,13 +386,13 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "-"
                 if row is None
                 else f"{row['original']['median_s'] * 1e3:.3f} -> {row['factorized']['median_s'] * 1e3:.3f} "
-                f"({row['speedup']:.2f}x)"
+                f"({_speedup(row)})"
             )
         cells += [layer["decision"] or "-", layer["reason"] or ""]
         lines.append("| " + " | ".join(cells) + " |")
     checks = report.get("whole_model") or []
     if checks:
-        lines += ["", "Whole-model checks (original -> decomposed, median ms, speedup):", ""]
+        lines += ["", "Whole-model checks (original -> decomposed, median ms, side-by-side speedup [interval]):", ""]
         settings = list(dict.fromkeys((r["mode"], r["batch_size"], r["threads"]) for c in checks for r in c["rows"]))
         header = ["check"] + [f"{mode} bs{batch} t{threads}" for mode, batch, threads in settings] + ["then"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -401,7 +403,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 r = measured.get(setting)
                 cells.append(
                     "-" if r is None else f"{r['original']['median_s'] * 1e3:.2f} -> "
-                    f"{r['factorized']['median_s'] * 1e3:.2f} ({r['speedup']:.2f}x)"
+                    f"{r['factorized']['median_s'] * 1e3:.2f} ({_speedup(r)})"
                 )
             if check["reverted"] is not None:
                 cells.append(f"revert {check['reverted']}")
@@ -409,6 +411,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 cells.append("done" if check is checks[-1] else "time every setting again")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _speedup(row: Mapping[str, Any]) -> str:
+    """`1.23x [1.15, 1.31] slower` (the verdict only when it is not "faster"), or `1.23x` for old reports."""
+    if row.get("low") is None:
+        return f"{row['speedup']:.2f}x"
+    text = format_speedup(row["speedup"], row["low"], row["high"])
+    return text if row.get("verdict") == FASTER else f"{text} {row.get('verdict')}"
 
 
 def _before_after(before: int | None, after: int | None) -> str:
@@ -427,6 +437,8 @@ def _check_settings(check: RuntimeCheck) -> dict[str, Any]:
         "warmup": check.warmup,
         "iters": check.iters,
         "rounds": check.rounds,
+        "max_rounds": check.side_by_side.max_rounds,
+        "confidence": check.confidence,
         "whole_model": check.whole_model,
     }
 

@@ -135,7 +135,7 @@ def test_runtime_aware_reports_measurements_and_keeps_layers_that_are_not_faster
     # their measurements in the report.
     tucker = TuckerVBMFCallback(
         layers=["layer1.0.*", "layer2.0.shortcut.0"], runtime_aware=True, batch_sizes=[1, 2], threads=[1],
-        margin=0.99, train=True, warmup=0, iters=1, rounds=1,
+        margin=0.99, train=True, warmup=0, iters=1, rounds=2,
     )  # fmt: skip
     model = classifier()
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[tucker])
@@ -158,7 +158,7 @@ def test_runtime_aware_reports_measurements_and_keeps_layers_that_are_not_faster
 def test_runtime_aware_with_no_margin_decomposes_what_is_faster(tmp_path):
     tucker = TuckerVBMFCallback(
         layers=["layer3.0.conv2"], runtime_aware=True, batch_sizes=[1], threads=[1], margin=0.0, train=False,
-        warmup=1, iters=3, rounds=1,
+        warmup=1, iters=3, rounds=2,
     )  # fmt: skip
     model = classifier()
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[tucker])
@@ -166,14 +166,14 @@ def test_runtime_aware_with_no_margin_decomposes_what_is_faster(tmp_path):
     report = json.loads((tmp_path / "tucker_report.json").read_text())
     [row] = report["layers"]
     [measured] = row["latency"]
-    faster = measured["factorized"]["median_s"] <= measured["original"]["median_s"]
+    faster = measured["speedup"] >= 1.0
     if not faster:
         assert row["decision"] == "kept" and report["whole_model"] == []
     else:  # then the whole model decides
         [check] = report["whole_model"]
         [whole] = check["rows"]
         assert (whole["batch_size"], whole["threads"], whole["mode"]) == (1, 1, "inference")
-        kept_whole = whole["speedup"] >= 1.0
+        kept_whole = whole["verdict"] != "slower"  # reverted only when significantly slower
         assert check["reverted"] == (None if kept_whole else "layer3.0.conv2")
         assert row["decision"] == ("decomposed" if kept_whole else "kept")
         assert "Whole-model checks" in (tmp_path / "tucker_report.md").read_text()
@@ -363,7 +363,7 @@ DDP_SCRIPT = textwrap.dedent(
     watcher = Watcher()
     tucker = TuckerVBMFCallback(
         epoch=epoch, layers=["layer2.*", "layer3.*"], runtime_aware=True, batch_sizes=[1], threads=[1],
-        margin=0.0, train=False, warmup=0, iters=2, rounds=1,
+        margin=0.0, train=False, warmup=0, iters=2, rounds=2,
     )
     trainer = pl.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, logger=False, limit_train_batches=2,

@@ -52,12 +52,14 @@ that setting is put back (`RuntimeCheck.whole_model`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import fnmatch
+import functools
 import logging
 import math
-from typing import Any, Collection, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Iterator, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -72,7 +74,8 @@ from compresslight.compression.lowrank import (
 )
 from compresslight.compression.record import CompressionRecord, register_record
 from compresslight.compression.vbmf import estimate_rank, evbmf_from_singular_values
-from compresslight.profiling.timing import LatencyStats, measure_latency, num_threads
+from compresslight.profiling.side_by_side import SLOWER, SideBySide
+from compresslight.profiling.timing import LatencyStats, num_threads
 
 log = logging.getLogger(__name__)
 
@@ -382,14 +385,17 @@ class RuntimeCheck:
     input and the weights). The factorization replaces the layer only if its median latency is at
     most `(1 - margin)` times the original's in every setting.
 
-    In each setting the two layers are timed alternately, `rounds` times, and each keeps its
-    fastest round (lowest median): other load on the machine only ever slows a measurement, so the
-    fastest round is the least disturbed one, and alternating exposes both layers to the same load.
+    In each setting the two layers are measured side by side
+    (`compresslight.profiling.side_by_side`): they alternate in at least `rounds` rounds (at most
+    `max_rounds`, until the interval is narrower than `target_width` or `time_budget_s` is spent),
+    and the speedup is the paired per-round ratio with a confidence interval and a verdict.
 
     With `whole_model`, the per-layer decisions are then checked on the whole model: the
-    decomposed model and the original are timed the same way (copies: a train-mode forward moves
-    BatchNorm statistics), and while the decomposed one is slower (speedup < 1) in some setting,
-    the replaced layer with the lowest layer-alone speedup in that setting is reverted.
+    decomposed model and the original are measured the same way (copies: a train-mode forward
+    moves BatchNorm statistics), and while the decomposed one is *significantly* slower in some
+    setting (verdict "slower": the whole interval below 1), the replaced layer with the lowest
+    layer-alone speedup in that setting is reverted. "Not distinguishable" is not slower: on a
+    noisy machine a point estimate below 1 alone would revert layers on noise.
 
     Args:
         batch_sizes: batch sizes to time.
@@ -400,13 +406,19 @@ class RuntimeCheck:
         warmup: untimed calls per measurement.
         iters: timed calls per measurement (median taken).
         train: also time forward + backward.
-        rounds: alternating measurements of the two layers per setting (fastest kept).
+        rounds: side-by-side rounds per setting before a stopping rule applies (>= 2).
         whole_model: check the decomposed model as a whole and revert layers until it is not
-            slower than the original in any setting.
+            significantly slower than the original in any setting.
+        max_rounds: rounds at most per setting; None: `rounds` (a fixed number).
+        target_width: stop a setting's rounds once the interval's (high - low) / estimate is
+            at most this; None: no width rule.
+        time_budget_s: stop a setting's rounds after this long; None: no budget.
+        confidence: of the intervals and verdicts.
+        progress: False: no progress bars; None: on a terminal.
 
     Raises:
         ValueError: for an empty or non-positive batch size / thread list, `margin` outside [0, 1),
-            `warmup` < 0, `iters` < 1 or `rounds` < 1.
+            `warmup` < 0, `iters` < 1, `rounds` < 2, or invalid side-by-side options.
     """
 
     batch_sizes: Sequence[int] = (1,)
@@ -416,8 +428,13 @@ class RuntimeCheck:
     warmup: int = 3
     iters: int = 20
     train: bool = False
-    rounds: int = 2
+    rounds: int = 3
     whole_model: bool = True
+    max_rounds: int | None = None
+    target_width: float | None = None
+    time_budget_s: float | None = None
+    confidence: float = 0.95
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
@@ -432,8 +449,13 @@ class RuntimeCheck:
             raise ValueError(f"`warmup` must be an int >= 0, got {self.warmup!r}.")
         if not _is_int(self.iters) or self.iters < 1:
             raise ValueError(f"`iters` must be an int >= 1, got {self.iters!r}.")
-        if not _is_int(self.rounds) or self.rounds < 1:
-            raise ValueError(f"`rounds` must be an int >= 1, got {self.rounds!r}.")
+        if not _is_int(self.rounds) or self.rounds < 2:
+            raise ValueError(f"`rounds` must be an int >= 2 (an interval needs two paired rounds), got {self.rounds!r}.")
+        self.side_by_side = SideBySide(
+            warmup=self.warmup, iters=self.iters, min_rounds=self.rounds,
+            max_rounds=self.rounds if self.max_rounds is None else self.max_rounds,
+            target_width=self.target_width, time_budget_s=self.time_budget_s, confidence=self.confidence,
+        )  # fmt: skip
         try:
             torch.device(self.device)
         except RuntimeError as error:
@@ -458,8 +480,9 @@ class RuntimeCheck:
 
         Returns:
             Rows with `batch_size`, `threads`, `mode` ("inference" / "train"), `original` and
-            `factorized` latency stats of their fastest round (seconds: min, median, max, iters)
-            and `speedup` (median ratio).
+            `factorized` latency (seconds, over the per-round medians: min, median, max; `iters`
+            per round), `speedup` (paired estimate), `low` / `high` (its interval), `verdict`,
+            `rounds` and `busy` (measured on a busy machine).
         """
         device = torch.device(self.device)
         original, factorized = _on_device(original, device), _on_device(factorized, device)
@@ -473,50 +496,67 @@ class RuntimeCheck:
                     for mode in modes:
                         if settings is not None and (batch_size, active_threads, mode) not in settings:
                             continue
-                        stats: dict[str, LatencyStats] = {}
-                        for _ in range(self.rounds):
-                            for which, layer in (("original", original), ("factorized", factorized)):
-                                measured = self._time(layer, x, mode)
-                                if which not in stats or measured.median_s < stats[which].median_s:
-                                    stats[which] = measured
+                        setting = {"batch_size": batch_size, "threads": active_threads, "mode": mode}
+                        with self._calls(original, factorized, x, mode) as calls:
+                            result = self.side_by_side.run(
+                                calls, "original", device=device, setting=setting, progress=self.progress
+                            )
+                        paired = result.speedup_of("factorized")
                         rows.append(
                             {
-                                "batch_size": batch_size,
-                                "threads": active_threads,
-                                "mode": mode,
-                                "original": stats["original"].to_dict(),
-                                "factorized": stats["factorized"].to_dict(),
-                                "speedup": stats["original"].median_s / stats["factorized"].median_s,
+                                **setting,
+                                "original": self._stats(result.round_latencies_s["original"]),
+                                "factorized": self._stats(result.round_latencies_s["factorized"]),
+                                "speedup": paired.estimate,
+                                "low": paired.low,
+                                "high": paired.high,
+                                "verdict": paired.verdict,
+                                "rounds": paired.rounds,
+                                "busy": result.load.busy,
                             }
                         )
         return rows
 
     def is_faster(self, rows: Sequence[Mapping[str, Any]]) -> bool:
         """Whether the factorized layer beat the original by `margin` in every measured setting."""
-        return all(row["factorized"]["median_s"] <= (1.0 - self.margin) * row["original"]["median_s"] for row in rows)
+        return all(row["speedup"] * (1.0 - self.margin) >= 1.0 for row in rows)
 
-    def _time(self, layer: nn.Module, x: torch.Tensor, mode: str) -> LatencyStats:
-        was_training = layer.training
-        layer.train(mode == "train")  # as the ProfileCallback runs a whole model
+    def _stats(self, round_medians: Sequence[float]) -> dict[str, Any]:
+        stats = LatencyStats(
+            min_s=min(round_medians), median_s=float(np.median(round_medians)), max_s=max(round_medians),
+            iters=self.iters,
+        )  # fmt: skip
+        return stats.to_dict()
+
+    @contextlib.contextmanager
+    def _calls(
+        self, original: nn.Module, factorized: nn.Module, x: torch.Tensor, mode: str
+    ) -> Iterator[dict[str, Callable[[], Any]]]:
+        """The two calls to time, in `mode` (as the ProfileCallback runs a whole model); modes restored after."""
+        layers = {"original": original, "factorized": factorized}
+        was_training = {name: layer.training for name, layer in layers.items()}
         try:
-            return self._time_in_mode(layer, x, mode)
+            for layer in layers.values():
+                layer.train(mode == "train")
+            if mode == "inference":
+                with torch.inference_mode():
+                    yield {name: functools.partial(layer, x) for name, layer in layers.items()}
+                return
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                yield {name: self._backward_call(layer, x) for name, layer in layers.items()}
         finally:
-            layer.train(was_training)
+            for name, layer in layers.items():
+                layer.train(was_training[name])
 
-    def _time_in_mode(self, layer: nn.Module, x: torch.Tensor, mode: str) -> LatencyStats:
-        if mode == "inference":
-            with torch.inference_mode():
-                return measure_latency(lambda: layer(x), device=self.device, warmup=self.warmup, iters=self.iters)
-        x = x.detach().requires_grad_(True)
+    @staticmethod
+    def _backward_call(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
         params = [p for p in layer.parameters() if p.requires_grad]
         grad_output = torch.ones_like(layer(x))
         # autograd.grad rather than backward(): no `.grad` accumulation into the real layer's
         # parameters, and the same work as a training step's backward through this layer (the
         # gradient of its input is needed by the layers before it).
-        return measure_latency(
-            lambda: torch.autograd.grad(layer(x), [x, *params], grad_output),
-            device=self.device, warmup=self.warmup, iters=self.iters,
-        )  # fmt: skip
+        return lambda: torch.autograd.grad(layer(x), [x, *params], grad_output)
 
 
 @register_record
@@ -628,7 +668,7 @@ def decompose_model(
         n_iter_max: HOOI sweeps after the HOSVD initialization (`tucker_decompose`).
         runtime_aware: time each factorization against the original (`RuntimeCheck`) and keep the
             original unless the factorization is faster in every setting; then (its `whole_model`)
-            time the whole model and revert layers while it is slower anywhere. Needs
+            time the whole model and revert layers while it is significantly slower anywhere. Needs
             `example_inputs`.
         example_inputs: one batch for the model's forward, used for the layers' input shapes (MACs
             in the report, runtime checks). The model runs once in eval mode, no grad.
@@ -736,9 +776,9 @@ def _check_whole_model(
     example_inputs: torch.Tensor | tuple[Any, ...],
 ) -> list[dict[str, Any]]:
     """Times the decomposed model against `model`; reverts layers (in `replacements`, `report`)
-    until it is not slower in any setting. Returns the checks made (see `decompose_model`).
+    until it is not significantly slower in any setting. Returns the checks made (see `decompose_model`).
 
-    After a revert only the settings that were slower are timed again (a whole-model train step
+    After a revert only the settings that were significantly slower are timed again (a whole-model train step
     at a large batch costs seconds per call); once they pass, every setting is timed again, and
     only a check of every setting ends the loop.
     """
@@ -751,22 +791,28 @@ def _check_whole_model(
         for name, module in replacements.items():
             set_submodule(decomposed, name, copy.deepcopy(module))
         rows = check.measure(original, decomposed, tuple(inputs.shape), settings=pending)
-        slowest = min(rows, key=lambda row: row["speedup"])
-        if slowest["speedup"] >= 1.0:
+        slower = [row for row in rows if row["verdict"] == SLOWER]
+        if not slower:
             checks.append({"rows": rows, "reverted": None})
             if pending is None:
-                log.info("Tucker: the decomposed model is not slower in any setting (worst %.2fx).", slowest["speedup"])
+                worst = min(rows, key=lambda row: row["speedup"])
+                log.info(
+                    "Tucker: the decomposed model is not significantly slower in any setting (worst %.2fx [%.2f, %.2f]).",
+                    worst["speedup"], worst["low"], worst["high"],
+                )  # fmt: skip
                 break
             pending = None
             continue
-        pending = {(row["batch_size"], row["threads"], row["mode"]) for row in rows if row["speedup"] < 1.0}
+        slowest = min(slower, key=lambda row: row["speedup"])
+        pending = {(row["batch_size"], row["threads"], row["mode"]) for row in slower}
         setting = (slowest["batch_size"], slowest["threads"], slowest["mode"])
         reverted = layer_to_revert({name: report[name]["latency"] for name in replacements}, setting)
         checks.append({"rows": rows, "reverted": reverted})
         del replacements[reverted]
         _keep(
             report[reverted],
-            f"reverted: the decomposed model was {slowest['speedup']:.2f}x at batch {setting[0]}, "
+            f"reverted: the decomposed model was {slowest['speedup']:.2f}x [{slowest['low']:.2f}, {slowest['high']:.2f}] "
+            f"(significantly slower) at batch {setting[0]}, "
             f"{setting[1]} thread(s), {setting[2]}, and this layer gained least there alone",
         )
     return checks
