@@ -195,12 +195,23 @@ def test_evaluate_measures_random_configurations(runtime_model: RuntimeModel) ->
     assert result.dense_built_s == runtime_model.network_dense_s
     assert result.mean_absolute_error_s == pytest.approx(np.mean(np.abs(np.subtract(result.predicted_s, result.measured_s))))
     assert set(result.to_dict()) >= {"mean_absolute_error_s", "mean_relative_error", "configurations"}
+    # Side by side with the dense network: paired speedups with intervals, compared with the predicted ones.
+    assert len(result.measured_speedup) == 3
+    for low, estimate, high in zip(result.measured_speedup_low, result.measured_speedup, result.measured_speedup_high):
+        assert 0 < low <= estimate <= high
+    predicted_speedup = [runtime_model.network_dense_s / p for p in result.predicted_s]
+    assert result.predicted_speedup == pytest.approx(predicted_speedup)
+    assert result.mean_speedup_error == pytest.approx(
+        np.mean(np.abs(np.subtract(predicted_speedup, result.measured_speedup)) / result.measured_speedup)
+    )
     # Same seed, same configurations; the model is not modified.
     assert runtime_model.evaluate(model, n_samples=3, seed=1).configurations == result.configurations
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model[0], nn.Conv2d)
     with pytest.raises(ValueError, match="`n_samples` must be an int >= 1, got 0"):
         runtime_model.evaluate(model, n_samples=0)
+    with pytest.raises(ValueError, match="`min_rounds` must be an int >= 2, got 1"):
+        runtime_model.evaluate(model, n_samples=1, rounds=1)
     with pytest.raises(ValueError, match="another architecture"):
         runtime_model.evaluate(_wider_middle(), n_samples=1)
 

@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -57,6 +58,8 @@ from compresslight.compression.lowrank import (
 )
 from compresslight.profiling.backends import backend_version, onnxruntime_runner, validate_backends
 from compresslight.profiling.environment import device_name, resolve_device
+from compresslight.profiling.progress import progress_bar
+from compresslight.profiling.side_by_side import PairedSpeedup, SideBySide
 from compresslight.profiling.timing import measure_latency, num_threads
 
 log = logging.getLogger(__name__)
@@ -178,11 +181,17 @@ class RuntimeModelEvaluation:
     Attributes:
         configurations: the sampled ranks, one dict per sample.
         predicted_s: `RuntimeModel.predict_network` of each.
-        measured_s: measured whole-network latency of each.
-        dense_measured_s: the dense network, measured right before the samples; compared with
-            `dense_built_s` (measured when the runtime model was built) it shows whether the
-            machine's speed drifted in between (e.g. other work on a shared machine).
+        measured_s: measured whole-network latency of each (median over its side-by-side rounds).
+        dense_measured_s: the dense network, measured in the same rounds as the samples (median);
+            compared with `dense_built_s` (measured when the runtime model was built) it shows
+            whether the machine's speed drifted in between (e.g. other work on a shared machine).
         dense_built_s: `RuntimeModel.network_dense_s`.
+        measured_speedup: each sample's speedup over the dense network, measured side by side
+            (paired rounds; `compresslight.profiling.side_by_side`): free of the drift between
+            building the model and evaluating it.
+        measured_speedup_low: lower bounds of their confidence intervals.
+        measured_speedup_high: upper bounds.
+        busy: whether any sample was measured on a busy machine.
     """
 
     configurations: list[dict[str, int]]
@@ -190,6 +199,23 @@ class RuntimeModelEvaluation:
     measured_s: list[float]
     dense_measured_s: float
     dense_built_s: float
+    measured_speedup: list[float] = dataclasses.field(default_factory=list)
+    measured_speedup_low: list[float] = dataclasses.field(default_factory=list)
+    measured_speedup_high: list[float] = dataclasses.field(default_factory=list)
+    busy: bool = False
+
+    @property
+    def predicted_speedup(self) -> list[float]:
+        """`dense_built_s / predicted_s` of each sample: the speedup the runtime model promises."""
+        return [self.dense_built_s / p for p in self.predicted_s]
+
+    @property
+    def mean_speedup_error(self) -> float:
+        """Mean of |predicted - measured speedup| / measured speedup: the model's error as a ratio."""
+        if not self.measured_speedup:
+            return math.nan
+        predicted, measured = np.asarray(self.predicted_speedup), np.asarray(self.measured_speedup)
+        return float(np.mean(np.abs(predicted - measured) / measured))
 
     @property
     def mean_absolute_error_s(self) -> float:
@@ -205,6 +231,8 @@ class RuntimeModelEvaluation:
             **dataclasses.asdict(self),
             "mean_absolute_error_s": self.mean_absolute_error_s,
             "mean_relative_error": self.mean_relative_error,
+            "predicted_speedup": self.predicted_speedup,
+            "mean_speedup_error": self.mean_speedup_error,
         }
 
 
@@ -457,42 +485,77 @@ class RuntimeModel:
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(
-        self, model: nn.Module, n_samples: int = 20, seed: int = 0, device: torch.device | str | None = None
+        self,
+        model: nn.Module,
+        n_samples: int = 20,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        rounds: int = 3,
+        progress: bool | None = None,
     ) -> RuntimeModelEvaluation:
         """Measures random low-rank versions of `model` against `predict_network` (paper Fig. 1 right).
 
         Each sample draws every modelled layer's rank uniformly from [1, full rank], factorizes a
-        copy of `model` at those ranks and times the whole network in the environment the model
-        was built in (backend, threads, batch size).
+        copy of `model` at those ranks and measures the whole network side by side with the dense
+        one (`rounds` alternating rounds, `compresslight.profiling.side_by_side`) in the
+        environment the model was built in (backend, threads, batch size, statistic). The paired
+        speedup is compared with the predicted one (`mean_speedup_error`), which the machine's
+        drift since the build does not touch; the absolute errors are kept as well.
 
         Args:
             model: the architecture the runtime model was built for (not modified).
             n_samples: random configurations.
             seed: of the rank sampler.
             device: where to measure; default the recorded device type.
+            rounds: side-by-side rounds per sample (>= 2).
+            progress: False: no progress bar; None: one when stdout is a terminal.
 
         Raises:
-            ValueError: if `n_samples` < 1 or the model / device is not the one measured.
+            ValueError: if `n_samples` < 1, `rounds` < 2 or the model / device is not the one measured.
         """
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"`n_samples` must be an int >= 1, got {n_samples!r}.")
-        device = resolve_device(self.environment.device if device is None else device)
+        env = self.environment
+        options = SideBySide(
+            warmup=env.warmup, iters=env.iters, min_rounds=rounds, max_rounds=rounds, target_width=None, time_budget_s=None
+        )
+        device = resolve_device(env.device if device is None else device)
         self.check_compatible(model, device=device)
+        timing_device = device if env.backend == "torch" else torch.device("cpu")
+
+        def timer(run: Callable[[], Any]) -> float:
+            stats = measure_latency(run, device=timing_device, warmup=env.warmup, iters=env.iters)
+            return stats.min_s if env.statistic == "min" else stats.median_s
+
         rng = random.Random(seed)
-        configurations, predicted, measured = [], [], []
-        with num_threads(self.environment.threads):
-            dense_measured_s = _latency(model, self.input_shape, self.environment, device)
+        configurations, predicted, measured, dense = [], [], [], []
+        speedups: list[PairedSpeedup] = []
+        busy = False
+        with num_threads(env.threads), progress_bar(n_samples, "Evaluating the runtime model", progress) as bar:
+            dense_run = _runner(model, self.input_shape, env, device)
             for _ in range(n_samples):
                 ranks = {name: rng.randint(1, layer.max_rank) for name, layer in self.layers.items()}
                 variant = copy.deepcopy(model).cpu()
                 LowRankRecord.from_layers(variant, ranks).apply(variant)
-                measured.append(_latency(variant, self.input_shape, self.environment, device))
+                contenders = {"dense": dense_run, "low-rank": _runner(variant, self.input_shape, env, device)}
+                result = options.run(contenders, "dense", device=timing_device, timer=timer, progress=False)
+                speedups.append(result.speedup_of("low-rank"))
+                dense += result.round_latencies_s["dense"]
+                measured.append(speedups[-1].candidate_median_s)
+                busy = busy or result.load.busy
                 predicted.append(self.predict_network(ranks))
                 configurations.append(ranks)
-        result = RuntimeModelEvaluation(configurations, predicted, measured, dense_measured_s, self.network_dense_s)
+                bar.update(1)
+        result = RuntimeModelEvaluation(
+            configurations, predicted, measured, float(np.median(dense)), self.network_dense_s,
+            measured_speedup=[s.estimate for s in speedups], measured_speedup_low=[s.low for s in speedups],
+            measured_speedup_high=[s.high for s in speedups], busy=busy,
+        )  # fmt: skip
         log.info(
-            "runtime model error on %d random configurations: %.3f ms mean absolute (%.1f%%)",
+            "runtime model error on %d random configurations: %.3f ms mean absolute (%.1f%%); speedup over dense "
+            "(side by side) %.1f%% off the predicted one%s",
             n_samples, result.mean_absolute_error_s * 1e3, result.mean_relative_error * 100,
+            result.mean_speedup_error * 100, " (measured on a BUSY machine)" if busy else "",
         )  # fmt: skip
         return result
 
