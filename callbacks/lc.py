@@ -363,6 +363,7 @@ class LCCallback(StructuralCompressionCallback):
                     layers=self.layer_names,
                     iters=self.measure_iters,
                     statistic=self.statistic,
+                    progress=None if trainer.progress_bar_callback is not None else False,
                 ).to_dict()
             except Exception as error:
                 if trainer.world_size == 1:
@@ -439,12 +440,13 @@ class LCCallback(StructuralCompressionCallback):
         # Diverged weights would otherwise surface as an SVD failure deep in the C step.
         self.check_finite_weights(trainer, pl_module, f"before LC C step {self.lc_state.step}")
         target = self.target_module(pl_module)
+        progress = None if trainer.progress_bar_callback is not None else False
         if trainer.world_size == 1:
-            return self.lc.c_step(target, self.lc_state)
+            return self.lc.c_step(target, self.lc_state, progress=progress)
         payload: tuple[dict[str, Any] | None, dict[str, Any] | None, str | None] = (None, None, None)
         if trainer.is_global_zero:
             try:
-                report = self.lc.c_step(target, self.lc_state)
+                report = self.lc.c_step(target, self.lc_state, progress=progress)
                 payload = (_to_cpu(self.lc_state.state_dict()), report.to_dict(), None)
             except Exception as error:
                 payload = (None, None, f"{type(error).__name__}: {error}")

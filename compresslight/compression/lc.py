@@ -55,6 +55,7 @@ from compresslight.compression.lowrank import (
     max_rank,
     to_matrix,
 )
+from compresslight.profiling.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -578,17 +579,20 @@ class LowRankLC:
                 weight.grad.add_(gradient)
 
     @torch.no_grad()
-    def c_step(self, model: nn.Module, state: LCState) -> LCStepReport:
+    def c_step(self, model: nn.Module, state: LCState, progress: bool | None = False) -> LCStepReport:
         """C step on every layer at `state.mu`, then the multiplier step, then `mu` is raised.
 
-        Updates `state` in place and returns what it did.
+        Updates `state` in place and returns what it did. `progress`: None shows a bar over the
+        layers when stdout is a terminal (a C step on VGG16 takes seconds); False (default) none.
         """
         weights = self._check_state(state, model)
         start = time.perf_counter()
         mu = state.mu
         squared_distance = 0.0
         total_cost = 0.0
+        bar = progress_bar(len(weights), f"LC C step {state.step}", enabled=progress)
         for name, weight in weights.items():
+            bar.update(1)
             weight = weight.detach()
             multiplier = state.multipliers.get(name)
             target = weight if multiplier is None else weight - multiplier / mu
@@ -600,6 +604,7 @@ class LowRankLC:
                 state.multipliers[name] = update_multiplier(multiplier, weight, result.theta, mu)
             squared_distance += float((weight - result.theta).double().pow(2).sum())
             total_cost += result.cost
+        bar.close()
         distance = math.sqrt(squared_distance)
         report = LCStepReport(
             step=state.step,

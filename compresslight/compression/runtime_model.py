@@ -285,6 +285,7 @@ class RuntimeModel:
         warmup: int = 5,
         iters: int = 50,
         statistic: str = "median",
+        progress: bool | None = None,
     ) -> RuntimeModel:
         """Measures every compressible layer of `model`, dense and at a grid of ranks.
 
@@ -303,6 +304,7 @@ class RuntimeModel:
             warmup: untimed calls per measurement.
             iters: timed calls per measurement.
             statistic: which of them a measurement keeps: `"median"` or `"min"` (module docstring).
+            progress: False: no progress bar; None: one when stdout is a terminal.
 
         Raises:
             ValueError: for an unknown backend, a bad count, a layer that is not compressible, or a
@@ -356,8 +358,9 @@ class RuntimeModel:
         io_shapes = layer_io_shapes(model, example_inputs, names)
         start = time.perf_counter()
         measured: dict[str, LayerRuntime] = {}
-        with num_threads(threads):
+        with num_threads(threads), progress_bar(len(names), "Building the runtime model", progress) as bar:
             for name in names:
+                bar.update(1)
                 layer = available[name]
                 input_shape = [batch_size, *io_shapes[name][0][1:]]
                 dense_s = _latency(layer, input_shape, environment, device)
