@@ -92,11 +92,65 @@ def test_fit_writes_reports_and_logs_keys(tmp_path) -> None:
         "profile/memory_measured_bytes/inference/bs1",
         "profile/observed_speedup/inference/bs1_t1_torch", "profile/observed_speedup/train/bs2_t1_torch",
         "profile/observed_over_theoretical/train/bs1_t1_torch",
+        "profile/observed_speedup_low/inference/bs1_t1_torch", "profile/observed_speedup_high/train/bs2_t1_torch",
+        "profile/observed_speedup_verdict/inference/bs2_t1_torch",
     ):  # fmt: skip
         assert key in columns, key
+    # Measured side by side against the frozen baseline copy: every speedup has an interval.
+    assert reports[0].method == "side-by-side"
+    for s in reports[0].speedups:
+        assert s.method == "side-by-side" and s.rounds >= 5 and s.low <= s.observed <= s.high
+    [row] = [r for r in rows if r["profile/observed_speedup_low/inference/bs1_t1_torch"]]
+    bs1 = reports[0].speedup("inference", 1)
+    assert float(row["profile/observed_speedup_low/inference/bs1_t1_torch"]) == pytest.approx(bs1.low)
+    assert float(row["profile/observed_speedup_high/inference/bs1_t1_torch"]) == pytest.approx(bs1.high)
     macs = [float(row["profile/macs"]) for row in rows if row["profile/macs"]]
     assert macs == [baselines[0].macs, current[0].macs]  # logged at fit start and at fit end
     assert callback.state_dict()["baseline"] == [baselines[0].to_dict()]
+
+
+class Shrinks(pl.Callback):
+    """Replaces the 32-channel conv by a 4-channel one at the start of epoch 1 (a stand-in for a
+    structural compression: the side-by-side comparison must see the model as it is at fit end)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            pl_module.head = nn.Linear(4, 3)
+            trainer.strategy.setup_optimizers(trainer)
+
+
+def test_a_compressed_fit_writes_the_side_by_side_interval_and_verdict(tmp_path) -> None:
+    callback = ProfileCallback(
+        batch_sizes=(8,), input_shape=(3, 16, 16), warmup=1, iters=3, threads=1, min_rounds=6, max_rounds=6
+    )
+    trainer(tmp_path, [callback, Shrinks()], max_epochs=2).fit(TinyModule(channels=32), loader(), loader())
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    data = json.loads((log_dir / "profile.json").read_text())
+    [comparison] = data["comparisons"]
+    assert comparison["method"] == "side-by-side" and comparison["theoretical_speedup"] > 5
+    for speedup in comparison["speedups"]:
+        assert speedup["rounds"] == 6 and speedup["low"] <= speedup["observed"] <= speedup["high"]
+        assert speedup["verdict"] in ("faster", "not distinguishable", "slower")
+    side_by_side = comparison["side_by_side"]["results"]
+    assert [r["setting"]["mode"] for r in side_by_side] == ["inference", "train"]
+    assert all(set(r["round_latencies_s"]) == {"baseline", "after fit"} for r in side_by_side)
+    assert all("other_cpu_share" in r["load"] and "busy" in r["load"] for r in side_by_side)
+    markdown = (log_dir / "profile.md").read_text()
+    train = next(s for s in comparison["speedups"] if s["mode"] == "train")
+    assert f"{train['observed']:.2f}x [{train['low']:.2f}, {train['high']:.2f}]" in markdown
+    assert "## Side-by-side measurement" in markdown and "Two-time" not in markdown
+    # The baseline copy is the model from fit start: 32 channels, on the CPU, not the trained one.
+    assert callback.baseline_model.features[0].out_channels == 32
+
+
+def test_two_time_fallback_is_labelled(tmp_path) -> None:
+    callback = ProfileCallback(input_shape=INPUT_SHAPE, side_by_side=False, **FAST)
+    trainer(tmp_path, [callback], logger=False).fit(TinyModule(), loader())
+    assert callback.baseline_model is None  # nothing kept twice
+    [report] = callback.reports
+    assert report.method == "two-time" and all(s.low is None and s.verdict is None for s in report.speedups)
+    assert "**Two-time comparison**" in (tmp_path / "profile.md").read_text()
 
 
 def test_input_shape_from_datamodule_or_example_input(tmp_path) -> None:
@@ -165,6 +219,11 @@ def test_resumed_run_keeps_the_original_baseline(tmp_path) -> None:
     resumed_trainer = trainer(tmp_path, [resumed], logger=False, max_epochs=2)
     resumed_trainer.fit(TinyModule(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed.baseline == first.baseline  # restored, not re-measured (latencies would differ)
+    # The checkpoint holds the baseline's profile, not its weights: the comparison is two-time, and says so.
+    assert resumed.baseline_model is None
+    resumed.profile_on_fit_end = True
+    resumed.on_fit_end(resumed_trainer, resumed_trainer.lightning_module)
+    assert resumed.reports[0].method == "two-time"
     # Plain data: loads with weights_only=True and survives JSON unchanged.
     stored = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][first.state_key]
     assert json.loads(json.dumps(stored)) == stored
@@ -197,6 +256,8 @@ def test_wandb_logger_offline(tmp_path, monkeypatch) -> None:
         ({"devices": "cuda" if not torch.cuda.is_available() else "cuda:99"}, "`device` 'cuda"),
         ({"threads": [1, 0]}, "`threads` must be an int >= 1"),
         ({"warmup": -1}, "`warmup` must be >= 0"),
+        ({"min_rounds": 1}, "`min_rounds` must be an int >= 2, got 1"),
+        ({"time_budget_s": 0}, "`time_budget_s` must be None or a number > 0, got 0"),
         ({"iters": 0}, "`iters` must be >= 1"),
         ({"input_shape": [3, -8, 8]}, "`input_shape` must be positive ints"),
     ],

