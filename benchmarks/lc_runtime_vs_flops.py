@@ -22,9 +22,10 @@ this machine, on a short schedule:
 3. each run is one `fit` with `LCCallback` (T L/C steps, factorization, fine-tuning) on a few
    batches per epoch;
 4. every model (the dense baseline too) is measured the same way: MMACs (multiply-accumulates,
-   the papers' "MFLOPs"), params, latency at batch 1 with `compresslight.profiling.profile`
-   (after all fits, `--rounds` rounds in which the models alternate: median of the round
-   medians, and the min), top-1 on `--val_batches` test batches, and the runtime model's
+   the papers' "MFLOPs"), params, latency at batch 1 measured side by side after all fits
+   (`compresslight.profiling.side_by_side`: at least `--rounds` rounds in which the models
+   alternate; median and min of the round medians, paired speedup over dense with an
+   interval), top-1 on `--val_batches` test batches, and the runtime model's
    prediction.
 
 It prints a Markdown table and writes results.json / results.md to `--out_dir`. The L steps here
@@ -63,7 +64,8 @@ from compresslight.compression.lc import (
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import RuntimeModel
 from compresslight.datamodules import CIFAR10DataModule
-from compresslight.profiling import profile
+from compresslight.profiling import num_threads
+from compresslight.profiling.side_by_side import SideBySide, SideBySideReport, compare_models, format_speedup
 from compresslight.profiling.counting import count_macs, count_parameters
 
 log = logging.getLogger("lc_runtime_vs_flops")
@@ -102,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script works")
     args = parser.parse_args(argv)
     if args.quick:
-        args.grid_points, args.iters, args.evaluate, args.rounds = 3, 5, 2, 1
+        args.grid_points, args.iters, args.evaluate, args.rounds = 3, 5, 2, 2
         args.steps, args.finetune_epochs, args.train_batches, args.val_batches, args.batch_size = 2, 1, 2, 2, 16
     if not 0 < args.target <= 1:
         parser.error(f"--target must be in (0, 1], got {args.target}")
@@ -188,28 +190,25 @@ def measure(
 
 def remeasure_side_by_side(
     rows: list[dict[str, Any]], networks: dict[str, torch.nn.Module], args: argparse.Namespace
-) -> None:
-    """Replaces each row's latency by `--rounds` profiles of all models in alternation (median of
-    the per-round medians; min and max over all calls): one measurement right after each fit
-    is at the mercy of the load at that moment."""
-    medians: dict[str, list[float]] = {name: [] for name in networks}
-    minima: dict[str, list[float]] = {name: [] for name in networks}
-    maxima: dict[str, list[float]] = {name: [] for name in networks}
-    for _ in range(args.rounds):
-        for name, network in networks.items():
-            stats = profile(
-                network, INPUT_SHAPE, batch_sizes=(1,), threads=args.threads, iters=args.iters, train=False,
-                measure_memory=False, name=name,
-            ).latency_of("inference", 1).stats  # fmt: skip
-            medians[name].append(stats.median_s * 1e3)
-            minima[name].append(stats.min_s * 1e3)
-            maxima[name].append(stats.max_s * 1e3)
+) -> SideBySideReport:
+    """Measures all models side by side with the dense baseline (`compare_models`: at least
+    `--rounds` alternating rounds, inference at batch 1): each row gets the median over rounds of
+    its per-round median and min latency, and its paired speedup over dense with an interval. One
+    measurement right after each fit is at the mercy of the load at that moment."""
+    options = SideBySide(iters=args.iters, min_rounds=args.rounds, max_rounds=max(args.rounds, 2 * args.rounds))
+    with num_threads(args.threads):
+        report = compare_models(
+            networks, INPUT_SHAPE, "dense baseline", threads=(args.threads,), modes=("inference",), options=options
+        )
+    [result] = report.results
     for row in rows:
         name = row["name"]
-        row.update(
-            latency_median_ms=statistics.median(medians[name]), latency_min_ms=min(minima[name]),
-            latency_max_ms=max(maxima[name]), latency_round_medians_ms=medians[name],
-        )  # fmt: skip
+        medians = [t * 1e3 for t in result.round_latencies_s[name]]
+        row.update(latency_median_ms=statistics.median(medians), latency_min_ms=min(medians), latency_round_medians_ms=medians)
+        if name != result.baseline:
+            speedup = result.speedup_of(name)
+            row.update(speedup=speedup.estimate, speedup_low=speedup.low, speedup_high=speedup.high, verdict=speedup.verdict)
+    return report
 
 
 def run_lc(
@@ -240,16 +239,19 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
-        "| model | lam | MMACs | params (M) | predicted ms | measured ms (median) | measured ms (min) | top-1 "
-        "| factorized layers |",
+        "| model | lam | MMACs | params (M) | predicted ms | measured ms (median / min round) "
+        "| speedup over dense, side by side | top-1 | factorized layers |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lam = "-" if row.get("lam") is None else f"{row['lam']:.3g}"
         params = "-" if row.get("params_m") is None else f"{row['params_m']:.2f}"
+        speedup = "-"
+        if row.get("speedup") is not None:
+            speedup = f"{format_speedup(row['speedup'], row['speedup_low'], row['speedup_high'])} {row['verdict']}"
         lines.append(
             f"| {row['name']} | {lam} | {row['mmacs']:.1f} | {params} | {row['predicted_ms']:.2f} | "
-            f"{row['latency_median_ms']:.2f} | {row['latency_min_ms']:.2f} | {row['top1'] * 100:.2f}% | "
+            f"{row['latency_median_ms']:.2f} / {row['latency_min_ms']:.2f} | {speedup} | {row['top1'] * 100:.2f}% | "
             f"{row.get('factorized', '-')} |"
         )
     return "\n".join(lines)
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         runs[cost] = row
         networks[row["name"]] = model.model.eval()
-    remeasure_side_by_side(rows, networks, args)
+    side_by_side = remeasure_side_by_side(rows, networks, args)
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = (
@@ -337,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(
             f"runtime model error on {args.evaluate} random rank configurations: "
             f"{evaluation.mean_absolute_error_s * 1e3:.2f} ms mean absolute ({evaluation.mean_relative_error:.1%}); "
+            f"speedup over dense (side by side) {evaluation.mean_speedup_error:.1%} off the predicted one; "
             f"dense network {evaluation.dense_measured_s * 1e3:.2f} ms now vs "
             f"{evaluation.dense_built_s * 1e3:.2f} ms at build"
         )
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
             f"MMACs {runtime_row['mmacs']:.1f} vs {flops_row['mmacs']:.1f}"
         )
     notes.append(f"total {time.perf_counter() - started:.0f} s")
-    report = table + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+    report = table + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n\n" + side_by_side.to_markdown()
     print(report)
     (out / "results.md").write_text(report)
     (out / "results.json").write_text(
@@ -363,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "args": vars(args),
                 "rows": rows,
+                "side_by_side": side_by_side.to_dict(),
                 "runtime_model_build_s": build_s,
                 "runtime_model_evaluation": None if evaluation is None else evaluation.to_dict(),
                 "lams": lams,

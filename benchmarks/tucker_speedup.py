@@ -8,13 +8,14 @@ checkpoint, decomposes it twice, and compares both with the baseline:
 - runtime-aware, layers alone: the same ranks, but each layer is timed against its factorization
   at every batch size / thread count / mode below and kept where the factorization is not
   `--margin` faster;
-- runtime-aware (the default `RuntimeCheck`): then the whole decomposed model is timed against the
-  baseline in the same settings, and layers are put back while it is slower in any.
+- runtime-aware (the default `RuntimeCheck`): then the whole decomposed model is measured side by
+  side with the baseline in the same settings, and layers are put back while it is significantly
+  slower (the whole confidence interval below 1) in any.
 
 It prints the ranks chosen, params, MACs, theoretical speedup (FLOPs ratio), observed speedup for
-inference and the train step at each batch size and thread count (`compresslight.profiling.profile`
-and `compare`: 5 warm-up + 50 timed calls, median; then the median over `--rounds` rounds in which
-the models alternate), validation top-1 right after decomposition (no fine-tuning), and the decomposition time of ResNet18 (ours, and a plain SVD-based VBMF +
+inference and the train step at each batch size and thread count (measured side by side:
+`compresslight.profiling.side_by_side.compare_models`, the models alternate in at least `--rounds`
+rounds, paired speedup with a confidence interval and verdict), validation top-1 right after decomposition (no fine-tuning), and the decomposition time of ResNet18 (ours, and a plain SVD-based VBMF +
 tensorly HOOI as a reference).
 
     python benchmarks/tucker_speedup.py --ckpt runs/resnet20_quick/version_0/checkpoints/last.ckpt
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import statistics
 import time
@@ -43,7 +43,7 @@ from compresslight.classifier import ImageClassifier
 from compresslight.compression.tucker import RuntimeCheck, TuckerRecord, decompose_model
 from compresslight.compression.vbmf import estimate_rank
 from compresslight.profiling import ModelProfile, SpeedupReport, compare, num_threads, profile, speedup_markdown
-from compresslight.profiling.timing import LatencyStats
+from compresslight.profiling.side_by_side import SideBySide, SideBySideReport, compare_models, format_speedup
 from compresslight.registry import create_model
 
 CIFAR_SHAPE = (3, 32, 32)
@@ -72,39 +72,32 @@ def decompose(model: nn.Module, runtime_check: RuntimeCheck | None) -> tuple[nn.
 
 def profile_all(
     models: dict[str, nn.Module], args: argparse.Namespace, loads: list[float]
-) -> dict[int, dict[str, ModelProfile]]:
-    """threads -> model name -> profile, over `args.rounds` rounds in which the models alternate.
-
-    On this VM two consecutive measurements of one model differ by up to ~20% (see the profiler
-    fidelity table in the README), so one profile per model cannot tell 0.95x from 1.05x; each
-    latency is the median over rounds of the per-round medians.
-    """
-    rounds: dict[int, dict[str, list[ModelProfile]]] = {t: {name: [] for name in models} for t in args.threads}
-    for _ in range(args.rounds):
-        for threads in args.threads:
-            for name, model in models.items():
-                rounds[threads][name].append(
-                    profile(
-                        model, CIFAR_SHAPE, batch_sizes=args.batch_sizes, device=args.device, threads=threads,
-                        warmup=args.warmup, iters=args.iters, measure_memory=False, name=name,
-                    )  # fmt: skip
-                )
-                loads.append(os.getloadavg()[0])
-    return {t: {name: median_profile(profiles) for name, profiles in by_name.items()} for t, by_name in rounds.items()}
-
-
-def median_profile(profiles: list[ModelProfile]) -> ModelProfile:
-    """The first profile with each latency replaced by the median over `profiles` of its median
-    (min / max: over all rounds)."""
-    entries = []
-    for index, entry in enumerate(profiles[0].latency):
-        same = [p.latency[index].stats for p in profiles]
-        stats = LatencyStats(
-            min_s=min(s.min_s for s in same), median_s=statistics.median(s.median_s for s in same),
-            max_s=max(s.max_s for s in same), iters=sum(s.iters for s in same),
-        )  # fmt: skip
-        entries.append(dataclasses.replace(entry, stats=stats, images_per_s=entry.batch_size / stats.median_s))
-    return dataclasses.replace(profiles[0], latency=entries)
+) -> tuple[dict[int, dict[str, ModelProfile]], SideBySideReport]:
+    """threads -> model name -> profile (params, MACs, latency tables), and every model measured
+    side by side with the baseline (`compare_models`: alternating rounds, paired speedups with
+    intervals) in every setting: on this VM two consecutive measurements of one model differ by
+    up to ~20-50%, so only paired rounds can tell 0.95x from 1.05x."""
+    profiles = {
+        threads: {
+            name: profile(
+                model, CIFAR_SHAPE, batch_sizes=args.batch_sizes, device=args.device, threads=threads,
+                warmup=args.warmup, iters=args.iters, measure_memory=False, name=name,
+            )  # fmt: skip
+            for name, model in models.items()
+        }
+        for threads in args.threads
+    }
+    loads.append(os.getloadavg()[0])
+    options = SideBySide(
+        warmup=args.warmup, iters=args.iters, min_rounds=args.rounds, max_rounds=max(args.rounds, args.max_rounds),
+        time_budget_s=args.time_budget_s,
+    )  # fmt: skip
+    paired = compare_models(
+        models, CIFAR_SHAPE, "baseline", batch_sizes=args.batch_sizes, threads=args.threads, device=args.device,
+        options=options,
+    )  # fmt: skip
+    loads.append(os.getloadavg()[0])
+    return profiles, paired
 
 
 def top1(model: nn.Module, args: argparse.Namespace) -> float | None:
@@ -160,8 +153,13 @@ def whole_model_table(record: TuckerRecord) -> str:
     header = [f"{mode} bs{batch} t{threads}" for mode, batch, threads in settings]
     lines = ["| whole-model check | " + " | ".join(header) + " | then |", "|" + "---|" * (len(settings) + 2)]
     for number, check in enumerate(record.whole_model, 1):
-        measured = {(r["mode"], r["batch_size"], r["threads"]): r["speedup"] for r in check["rows"]}
-        cells = ["-" if setting not in measured else f"{measured[setting]:.2f}x" for setting in settings]
+        measured = {(r["mode"], r["batch_size"], r["threads"]): r for r in check["rows"]}
+        cells = [
+            "-" if setting not in measured else
+            f"{format_speedup(measured[setting]['speedup'], measured[setting]['low'], measured[setting]['high'])}"
+            f" {measured[setting]['verdict']}"
+            for setting in settings
+        ]  # fmt: skip
         if check["reverted"] is not None:
             then = f"revert {check['reverted']}"
         else:
@@ -191,8 +189,11 @@ def ranks_table(records: dict[str, TuckerRecord]) -> str:
 
 
 def worst_speedup(reports: list[SpeedupReport]) -> str:
-    observed = [s.observed for report in reports for s in report.speedups]
-    return f"{min(observed):.2f}" if observed else "-"
+    observed = [s for report in reports for s in report.speedups]
+    if not observed:
+        return "-"
+    worst = min(observed, key=lambda s: s.observed)
+    return f"{worst.label()} {worst.verdict}"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace) -> None:
           f"then {len(aware_record.whole_model)} whole-model check(s)).\n")
     print(whole_model_table(aware_record))
 
-    profiles = profile_all(models, args, loads)
+    profiles, paired = profile_all(models, args, loads)
     print("## Params, MACs, accuracy right after decomposition (no fine-tuning)\n")
     print("| model | params | MACs (batch 1) | params ratio | theoretical speedup (FLOPs) | top-1 "
           "| worst observed speedup |")
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace) -> None:
     reports: dict[str, list[SpeedupReport]] = {name: [] for name in records}
     for threads, by_model in profiles.items():
         for name in records:
-            reports[name].append(compare(by_model["baseline"], by_model[name]))
+            reports[name].append(compare(by_model["baseline"], by_model[name], side_by_side=paired))
     first = profiles[args.threads[0]]
     for name, model in models.items():
         accuracy = None if args.eval_batches == 0 else top1(model, args)
@@ -248,9 +249,10 @@ def run(args: argparse.Namespace) -> None:
         print("| " + " | ".join(cells) + " |", flush=True)
     print("\nPaper 000 (ResNet20, Tucker VBMF): 272K -> 25K params, theoretical speedup 8.73, 79.35% after 100 "
           "epochs of fine-tuning; observed 0.51-1.48.\n")
-    print("## Observed speedup (baseline latency / decomposed latency; each latency the median over "
-          f"{args.rounds} alternating rounds of the median of {args.iters} calls after {args.warmup} warm-up)\n")
+    print("## Observed speedup (side by side: the four models alternate in rounds, >= "
+          f"{args.rounds} rounds of the median of {args.iters} calls after {args.warmup} warm-up; paired per round)\n")
     print(speedup_markdown([report for name in records for report in reports[name]]))
+    print(paired.to_markdown())
 
     resnet18 = create_model("resnet18", num_classes=1000)
     size = 64 if args.quick else 224
@@ -286,11 +288,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--warmup", type=int, default=5, help="profile(): untimed calls (paper 000: 5)")
     parser.add_argument("--iters", type=int, default=50, help="profile(): timed calls (paper 000: 50)")
-    parser.add_argument("--rounds", type=int, default=3, help="profiles per model, alternating; median taken")
+    parser.add_argument("--rounds", type=int, default=5, help="side-by-side rounds (at least) of all models")
+    parser.add_argument("--max-rounds", type=int, default=10, help="side-by-side rounds at most per setting")
+    parser.add_argument("--time-budget-s", type=float, default=60.0, help="side-by-side seconds per setting")
     parser.add_argument("--margin", type=float, default=0.05, help="runtime-aware: speedup a layer must reach")
     parser.add_argument("--check-warmup", type=int, default=3)
     parser.add_argument("--check-iters", type=int, default=20)
-    parser.add_argument("--check-rounds", type=int, default=2)
+    parser.add_argument("--check-rounds", type=int, default=3, help="runtime-aware: side-by-side rounds per check")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="validation batches of 500 images (default: all; 0: skip)")
     parser.add_argument("--decompose-threads", type=int, default=1, help="threads for the ResNet18 decomposition")
@@ -301,8 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--ckpt is required (a trained ResNet20; VBMF on random weights finds rank ~1), or pass --quick")
     if args.quick:
         args.batch_sizes = [1, 8]
-        args.warmup, args.iters, args.rounds = 1, 3, 1
-        args.check_warmup, args.check_iters, args.check_rounds = 1, 2, 1
+        args.warmup, args.iters, args.rounds, args.max_rounds = 1, 3, 2, 2
+        args.check_warmup, args.check_iters, args.check_rounds = 1, 2, 2
         args.eval_batches = 1 if args.eval_batches is None else args.eval_batches
     return args
 
