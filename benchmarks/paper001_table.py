@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import statistics
@@ -47,7 +48,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from compresslight.callbacks.quantization import measure_cpu_latency
 from compresslight.evaluation import evaluate_top1
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.quantization import (
@@ -59,7 +59,8 @@ from compresslight.compression.quantization import (
 from compresslight.datamodules import CIFAR10DataModule
 from compresslight.profiling.counting import count_macs, count_parameters
 from compresslight.profiling.environment import cpu_model_name
-from compresslight.profiling.timing import LatencyStats
+from compresslight.profiling.side_by_side import SideBySide, SideBySideResult
+from compresslight.profiling.timing import LatencyStats, num_threads
 
 log = logging.getLogger("paper001_table")
 
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128], help="latency batch sizes")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
     parser.add_argument("--iters", type=int, default=50, help="timed calls; the median is reported")
-    parser.add_argument("--rounds", type=int, default=3, help="latency rounds over all models; median of medians")
+    parser.add_argument("--rounds", type=int, default=5, help="side-by-side rounds (at least) over all models")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime); default: torch's")
     parser.add_argument("--device", default="cpu", help="where the PyTorch models are evaluated for accuracy")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here (and .json beside it)")
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.test_images = args.test_images or 256
         args.calibration_batches = min(args.calibration_batches, 2)
-        args.batch_sizes, args.warmup, args.iters, args.rounds = [1, 8], 1, 3, 1
+        args.batch_sizes, args.warmup, args.iters, args.rounds = [1, 8], 1, 3, 2
     elif args.vgg16 is None or args.compact is None:
         parser.error("--vgg16 and --compact checkpoints are required (or --quick to check the script)")
     for name in ("vgg16", "compact", "compact_distill"):
@@ -130,12 +131,35 @@ def model_batches(datamodule: CIFAR10DataModule, split: str, device: torch.devic
         yield datamodule.transform_batch(images.to(device), train=False), labels.to(device)
 
 
-def median_over_rounds(stats: list[LatencyStats]) -> LatencyStats:
-    """Median of the rounds' medians; min and max over every call."""
-    return LatencyStats(
-        min_s=min(s.min_s for s in stats), median_s=statistics.median(s.median_s for s in stats),
-        max_s=max(s.max_s for s in stats), iters=sum(s.iters for s in stats),
-    )  # fmt: skip
+def side_by_side_latency(
+    models: dict[str, Any], batch_sizes: list[int], threads: int, args: argparse.Namespace
+) -> tuple[dict[str, dict[int, LatencyStats]], dict[int, SideBySideResult]]:
+    """Every model (eager and ONNX Runtime) side by side at each batch size
+    (`compresslight.profiling.side_by_side`): at least `--rounds` rounds in which all models
+    alternate. On this VM one measurement of a model can be 50% off (measured: the two compact
+    rows, one architecture, 3.29 vs 5.08 ms in a single round); paired rounds share the load.
+
+    Returns:
+        name -> batch size -> latency over the rounds' medians (min / median / max), and batch
+        size -> the side-by-side result (speedups over eager VGG16, with intervals).
+    """
+    options = SideBySide(
+        warmup=args.warmup, iters=args.iters, min_rounds=args.rounds, max_rounds=max(args.rounds, 2 * args.rounds)
+    )
+    generator = torch.Generator().manual_seed(0)
+    latency: dict[str, dict[int, LatencyStats]] = {name: {} for name in models}
+    results = {}
+    with num_threads(threads), torch.inference_mode():
+        for batch_size in batch_sizes:
+            example = torch.randn(batch_size, *INPUT_SHAPE, generator=generator)
+            calls = {name: functools.partial(model, example) for name, model in models.items()}
+            result = options.run(calls, "vgg16", setting={"batch_size": batch_size, "threads": threads})
+            results[batch_size] = result
+            for name, medians in result.round_latencies_s.items():
+                latency[name][batch_size] = LatencyStats(
+                    min_s=min(medians), median_s=statistics.median(medians), max_s=max(medians), iters=args.iters
+                )
+    return latency, results
 
 
 def state_dict_bytes(model: nn.Module, directory: Path) -> int:
@@ -185,19 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     log.info("Measuring CPU latency (%d threads, batch sizes %s) ...", threads, args.batch_sizes)
     cpu_models = {name: copy.deepcopy(model).cpu().eval() for name, model in {**float_models, sim_name: simulated}.items()}
-    # Several rounds, every model in each: on this VM one measurement of a model can be 50% off
-    # (measured: the two compact rows, one architecture, 3.29 vs 5.08 ms in a single round).
-    rounds = [
-        measure_cpu_latency(
-            {**cpu_models, **ort_models}, INPUT_SHAPE, args.batch_sizes, warmup=args.warmup, iters=args.iters,
-            threads=threads,
-        )  # fmt: skip
-        for _ in range(args.rounds)
-    ]
-    latency = {
-        name: {batch: median_over_rounds([r[name][batch] for r in rounds]) for batch in args.batch_sizes}
-        for name in rounds[0]
-    }
+    latency, side_by_side = side_by_side_latency({**cpu_models, **ort_models}, args.batch_sizes, threads, args)
 
     example = torch.zeros(1, *INPUT_SHAPE)
     rows = [
@@ -221,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model=label, runtime=runtime, name=name, top1=top1[name], params=count_parameters(model).total,
                 macs=macs, size_bytes=size,
                 latency={str(b): latency[name][b].to_dict() for b in args.batch_sizes},
+                speedup_vs_vgg16={
+                    str(b): side_by_side[b].speedup_of(name).to_dict() for b in args.batch_sizes if name != "vgg16"
+                },
             )
         )  # fmt: skip
 
@@ -241,12 +256,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace, threads: int) -> str:
     latency_headers = [f"Latency bs{b} (ms)" for b in args.batch_sizes]
+    latency_headers += [f"Speedup over VGG16 eager, bs{b}" for b in args.batch_sizes]
     lines = [
         "| Model | Runtime | Top-1 | Params | MACs | Size on disk (MiB) | " + " | ".join(latency_headers) + " |",
         "|---|---|---|---|---|---|" + "---|" * len(latency_headers),
     ]
     for row in results:
         latencies = [f"{row['latency'][str(b)]['median_s'] * 1e3:.2f}" for b in args.batch_sizes]
+        latencies += [
+            row["speedup_vs_vgg16"][str(b)]["label"] if str(b) in row["speedup_vs_vgg16"] else "-"
+            for b in args.batch_sizes
+        ]
         lines.append(
             f"| {row['model']} | {row['runtime']} | {row['top1'] * 100:.2f}% | {row['params'] / 1e6:.2f}M | "
             f"{row['macs'] / 1e6:.1f}M | {row['size_bytes'] / 2**20:.2f} | " + " | ".join(latencies) + " |"
@@ -256,8 +276,9 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, threads: i
         "",
         f"CIFAR-10 test set ({test_images} images); {args.bits}-bit "
         f"{'per-channel' if args.per_channel else 'per-tensor'} min/max quantization calibrated on "
-        f"{args.calibration_batches} training batches of 128; CPU latency: median over {args.rounds} rounds (all models "
-        f"in each) of the median of {args.iters} calls after {args.warmup} warm-up, {threads} threads "
+        f"{args.calibration_batches} training batches of 128; CPU latency: side by side, median over >= {args.rounds} rounds "
+        f"(all models alternate in each) of the median of {args.iters} calls after {args.warmup} warm-up, {threads} threads; "
+        "speedups paired per round, with 95% intervals "
         f"({cpu_model_name()}); MACs at batch 1; sizes: torch.save of "
         "the state dict, or the .onnx file, in MiB as paper 001's \"MB\"." + (" QUICK RUN: untrained models, not results." if args.quick else ""),
         "",

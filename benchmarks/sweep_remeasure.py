@@ -3,10 +3,10 @@
 A sweep times each trial once, in its own process, under whatever load the machine had at that
 moment, so a latency objective is only as steady as the machine. This script rebuilds the pruned
 networks of chosen trials (the `PruningCallback` of each trial's `trial.yaml`, replayed on the
-baseline checkpoint with `prune_filters`), and profiles them and the unpruned baseline alternately,
-`--rounds` times, in one process (`compresslight.profiling.profile`: paper 000's protocol,
-warm-up then median of timed calls). It prints each model's median over rounds and its speedup
-over the sweep's base schedule.
+baseline checkpoint with `prune_filters`), and measures them and the unpruned baseline side by
+side (`compresslight.profiling.side_by_side.compare_models`: at least `--rounds` rounds in which
+all models alternate, inference and train step). It prints each model's median over rounds and
+its paired speedup over the sweep's base schedule, with a confidence interval and verdict.
 
     python benchmarks/sweep_remeasure.py runs/sweeps/resnet56_distiller_latency \\
         --ckpt runs/resnet56_quick/version_0/checkpoints/last.ckpt
@@ -30,7 +30,7 @@ from torch import nn
 
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.pruning import prune_filters
-from compresslight.profiling import profile
+from compresslight.profiling.side_by_side import SideBySide, compare_models
 
 PRUNING_CALLBACK = "compresslight.callbacks.pruning.PruningCallback"
 
@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating measurements of all models")
+    parser.add_argument("--rounds", type=int, default=5, help="side-by-side rounds (at least) of all models")
+    parser.add_argument("--max-rounds", type=int, default=10, help="side-by-side rounds at most")
     args = parser.parse_args()
 
     rows = read_trials(args.sweep_dir)
@@ -94,37 +95,35 @@ def main() -> None:
         label = f"trial {number}" + (" (base schedule)" if swept[number]["base"] == "yes" else "")
         models[label] = pruned_copy(baseline.model, pruning_args(args.sweep_dir / f"trial_{number:04d}"), input_shape)
 
-    latencies: dict[str, list[float]] = {name: [] for name in models}
-    train: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            result = profile(
-                model, input_shape, batch_sizes=(args.batch_size,), threads=args.threads, warmup=args.warmup,
-                iters=args.iters, measure_memory=False, name=name,
-            )  # fmt: skip
-            [inference_row] = [r for r in result.latency if r.mode == "inference"]
-            [train_row] = [r for r in result.latency if r.mode == "train"]
-            latencies[name].append(inference_row.stats.median_s * 1e3)
-            train[name].append(train_row.stats.median_s * 1e3)
-
-    base_name = next((name for name in models if "base schedule" in name), None)
-    print(f"Side by side, {args.rounds} alternating rounds, batch {args.batch_size}, {args.threads} thread(s), "
-          f"median of {args.iters} after {args.warmup} warm-up per round; ms = median over rounds (range).\n")
+    base_name = next((name for name in models if "base schedule" in name), "unpruned baseline")
+    options = SideBySide(
+        warmup=args.warmup, iters=args.iters, min_rounds=args.rounds, max_rounds=max(args.rounds, args.max_rounds)
+    )
+    report = compare_models(
+        models, input_shape, base_name, batch_sizes=(args.batch_size,), threads=(args.threads,), options=options
+    )
+    inference, train = (report.result_for(mode=mode) for mode in ("inference", "train"))
+    print(f"Side by side, at least {args.rounds} alternating rounds, batch {args.batch_size}, {args.threads} thread(s), "
+          f"median of {args.iters} after {args.warmup} warm-up per turn; ms = median over rounds (range).\n")
     if objective:
         print(f"Trials: the base schedule and the best by `{objective}` in {args.sweep_dir / 'results.csv'}.\n")
-    print("| model | params | inference ms | in the sweep | train step ms | inference speedup vs base schedule |")
+    print(f"| model | params | inference ms | in the sweep | train step ms | inference speedup vs {base_name} |")
     print("|---|---:|---:|---:|---:|---:|")
-    base_median = statistics.median(latencies[base_name]) if base_name else None
     for name, model in models.items():
-        median = statistics.median(latencies[name])
+        rounds = inference.round_latencies_s[name]
         number = None if name == "unpruned baseline" else int(name.split()[1])
         swept_ms = "-" if number is None or not swept[number].get(objective or "") else f"{float(swept[number][objective]):.2f}"
-        speedup = "-" if base_median is None else f"{base_median / median:.2f}x"
+        speedup = "-"
+        if name != base_name:
+            paired = inference.speedup_of(name)
+            speedup = f"{paired.label()} {paired.verdict}"
         print(
-            f"| {name} | {sum(p.numel() for p in model.parameters()):,} | {median:.2f} "
-            f"({min(latencies[name]):.2f}-{max(latencies[name]):.2f}) | {swept_ms} | "
-            f"{statistics.median(train[name]):.2f} | {speedup} |"
+            f"| {name} | {sum(p.numel() for p in model.parameters()):,} | {statistics.median(rounds) * 1e3:.2f} "
+            f"({min(rounds) * 1e3:.2f}-{max(rounds) * 1e3:.2f}) | {swept_ms} | "
+            f"{statistics.median(train.round_latencies_s[name]) * 1e3:.2f} | {speedup} |"
         )
+    print()
+    print(report.to_markdown())
 
 
 if __name__ == "__main__":
