@@ -1,8 +1,9 @@
 """Train-step throughput of the `cli.py fit` path vs a plain PyTorch loop (DESIGN.md: >= 0.95x).
 
 Both train ResNet20 at batch 128 on the real CIFAR-10 tensors with the same augmentation, the
-same optimizer and the same thread count; they alternate in one process, round after round, so
-machine noise hits both alike. The Lightning side is built from `configs/resnet20_baseline.yaml`
+same optimizer and the same thread count; they alternate in one process, round after round
+(`compresslight.profiling.side_by_side`; the ratio is paired per round, with a confidence
+interval), so machine noise hits both alike. The Lightning side is built from `configs/resnet20_baseline.yaml`
 exactly as `python cli.py fit` builds it (callbacks, logger, metrics and all); only the timed
 window differs from a real run: steps after `--warmup` until the last one, validation off.
 
@@ -23,6 +24,7 @@ from torch.nn import functional as F
 from compresslight import create_model
 from compresslight.cli import build_from_config
 from compresslight.datamodules import CIFAR10DataModule
+from compresslight.profiling.side_by_side import SideBySide
 
 
 class StepTimer(pl.Callback):
@@ -90,7 +92,7 @@ def main() -> None:
     parser.add_argument("--data_dir", default="../shared/data/cifar10")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="side-by-side rounds (>= 2)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch_size", type=int, default=128, help="plain loop's batch (the config uses 128)")
     args = parser.parse_args()
@@ -98,23 +100,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     datamodule = CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size)
     datamodule.setup("fit")
-    plain, lightning = [], []
+    images = args.steps * args.batch_size
+    # Each contender returns its own seconds per image over the timed window (its warm-up steps
+    # are not timed), so the side-by-side measurement gets them through its `timer`.
+    options = SideBySide(min_rounds=args.rounds, max_rounds=args.rounds, target_width=None, time_budget_s=None)
     with tempfile.TemporaryDirectory() as log_dir:
-        for round_index in range(args.rounds):
-            plain.append(plain_images_per_second(args, datamodule))
-            lightning.append(lightning_images_per_second(args, log_dir))
-            print(f"round {round_index + 1}: plain {plain[-1]:.1f} img/s, cli.py fit {lightning[-1]:.1f} img/s", flush=True)
+        contenders = {
+            "plain PyTorch loop": lambda: plain_images_per_second(args, datamodule),
+            "`cli.py fit` (Lightning)": lambda: lightning_images_per_second(args, log_dir),
+        }
+        result = options.run(contenders, "plain PyTorch loop", timer=lambda run: 1.0 / run(), progress=None)
 
-    ratios = [fit / loop for fit, loop in zip(lightning, plain)]
     print()
-    print(f"ResNet20, batch 128, real CIFAR-10, {args.threads} threads, {args.steps} timed steps x {args.rounds} rounds")
+    print(f"ResNet20, batch 128, real CIFAR-10, {args.threads} threads, {args.steps} timed steps x {result.rounds} rounds "
+          f"({images} images per turn), side by side; machine: {result.load.summary()}")
     print()
     print("| path | images/s (median) | min | max |")
     print("|---|---|---|---|")
-    for name, values in (("plain PyTorch loop", plain), ("`cli.py fit` (Lightning)", lightning)):
-        print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f} | {max(values):.1f} |")
+    for name, seconds in result.round_latencies_s.items():
+        rates = [1.0 / s for s in seconds]
+        print(f"| {name} | {statistics.median(rates):.1f} | {min(rates):.1f} | {max(rates):.1f} |")
     print()
-    print(f"ratio cli.py fit / plain: median {statistics.median(ratios):.3f} (per round: {', '.join(f'{r:.3f}' for r in ratios)})")
+    speedup = result.speedup_of("`cli.py fit` (Lightning)")
+    print(f"throughput `cli.py fit` / plain, paired per round: {speedup.label()} ({speedup.verdict}; per round: "
+          f"{', '.join(f'{r:.3f}' for r in speedup.round_speedups)})")
 
 
 if __name__ == "__main__":

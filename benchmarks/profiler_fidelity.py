@@ -14,6 +14,10 @@ For each model, batch size and thread count, in one process on the same model ob
 Prints Markdown tables. The machine's load average is printed with them: on a shared machine,
 latency ratios are only as steady as the neighbours.
 
+This is the one script here that does not use `compresslight.profiling.side_by_side`: it compares
+two *timers* of one model, not two models, so it brackets `profile()` between two Timer runs
+(the Timer's own drift across the bracket is its noise floor) instead of alternating contenders.
+
     python benchmarks/profiler_fidelity.py                      # resnet20 3x32x32, resnet18 3x112x112
     python benchmarks/profiler_fidelity.py --resnet18-size 224 --batch-sizes 1 --device cuda
 """
