@@ -16,6 +16,9 @@ from compresslight.profiling import (
     MemoryProfile,
     ModelProfile,
     ParameterCount,
+    SideBySide,
+    SideBySideReport,
+    SpeedupReport,
     compare,
     num_threads,
     profile,
@@ -231,6 +234,41 @@ def test_compare_computes_paper_ratios_exactly() -> None:
     assert "| 1 | pruned | 4.00 | 2.50 | 4.00 | 0.62 / 0.50 |" in markdown
     assert report.method == "two-time" and "**Two-time comparison**" in markdown
     assert "Observed speedup: Inference / Train (Test CPU (cpu, 1 thread), torch)" in markdown
+
+
+def test_compare_takes_the_observed_speedup_from_the_side_by_side_measurement(tmp_path) -> None:
+    # The two profiles disagree wildly (0.2x: measured at different times); the paired rounds do not.
+    baseline = make_profile("baseline", 1000, 400, 2000, {("inference", 1): 0.002, ("train", 1): 0.030})
+    pruned = make_profile("pruned", 250, 100, 800, {("inference", 1): 0.010, ("train", 1): 0.015})
+    options = SideBySide(min_rounds=6, max_rounds=6)
+    results = []
+    for mode, (base_s, pruned_s) in {"inference": (2e-3, 1e-3), "train": (3e-2, 1.5e-2)}.items():
+        calls = iter(range(100))
+        latencies = {"baseline": base_s, "pruned": pruned_s}
+
+        def timer(name: str, latencies=latencies, calls=calls) -> float:  # pruned 5% slower every other round
+            return latencies[name] * (1.05 if name == "pruned" and next(calls) % 2 else 1.0)
+
+        result = options.run(
+            {"baseline": "baseline", "pruned": "pruned"}, "baseline", progress=False, timer=timer,
+            setting={"device": "cpu", "threads": 1, "batch_size": 1, "backend": "torch", "mode": mode},
+        )  # fmt: skip
+        results.append(result)
+    report = compare(baseline, pruned, side_by_side=SideBySideReport(results))
+    assert report.method == "side-by-side"
+    inference = report.speedup("inference", 1)
+    assert inference.method == "side-by-side" and inference.rounds == 6
+    assert inference.observed == pytest.approx(results[0].speedup_of("pruned").estimate)
+    assert 1.9 < inference.low <= inference.observed <= inference.high <= 2.0 and inference.verdict == "faster"
+    assert inference.observed_over_theoretical == pytest.approx(inference.observed / 4.0)
+    markdown = report.to_markdown()
+    assert f"{inference.label()} faster / " in markdown and "side by side" in markdown
+    assert "Two-time" not in markdown
+    assert SpeedupReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    assert report.plot(tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"  # with error bars
+    # A side-by-side measurement without the setting leaves that speedup out rather than dividing two profiles.
+    partial = compare(baseline, pruned, side_by_side=SideBySideReport(results[:1]))
+    assert [s.mode for s in partial.speedups] == ["inference"]
 
 
 def test_compare_skips_measurements_only_one_side_has_and_handles_zero_flops() -> None:

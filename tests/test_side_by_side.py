@@ -156,7 +156,9 @@ def test_run_rejects_a_single_contender_or_an_unknown_baseline():
 
 
 def busy_loop_process(seconds: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"])
+    return subprocess.Popen(
+        [sys.executable, "-c", f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"]
+    )
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc (Linux)")
