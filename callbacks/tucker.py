@@ -11,11 +11,13 @@ rebuilds the optimizers and LR schedulers (keeping the schedule's position) so t
 weights are trained.
 
 Beyond paper 000, which found its Tucker-VBMF ResNet20 0.51x *slower* than the baseline on a GPU
-at batch 1 while FLOPs promised 8.73x, `runtime_aware: true` times every factorized layer against
-the original on the device (batch sizes, thread counts, inference and train step) and keeps the
-original wherever the factorization is not faster by `margin` in every setting; then (`whole_model`)
-it times the whole decomposed model against the original the same way and puts layers back while
-it is slower in any setting.
+at batch 1 while FLOPs promised 8.73x, `runtime_aware: true` measures every factorized layer side
+by side with the original on the device (batch sizes, thread counts, inference and train step;
+alternating rounds, paired speedup with a confidence interval) and keeps the original wherever the
+factorization is not faster by `margin` in every setting; then (`whole_model`) it measures the whole
+decomposed model against the original the same way and puts layers back while it is significantly
+slower (the whole interval below 1) in any setting. Each check shows a progress bar when the
+Trainer's does.
 
 What it writes (rank 0):
 
