@@ -90,9 +90,15 @@ def main() -> None:
     parser.add_argument("--time-budget-s", type=float, default=12.0, help="per side-by-side measurement")
     parser.add_argument("--gap-s", type=float, default=1.0, help="pause between the two two-time profiles")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--settings", nargs="+", default=["1x1", "128x2"], help="BATCHxTHREADS settings to measure (default: 1x1 128x2)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 repetitions, few calls")
     args = parser.parse_args()
-    settings = [(1, 1), (128, 2)]
+    try:
+        settings = [tuple(int(part) for part in setting.split("x")) for setting in args.settings]
+    except ValueError:
+        parser.error(f"--settings must be BATCHxTHREADS pairs such as 1x1 128x2, got {args.settings}")
     if args.quick:
         args.repetitions, args.iters, args.two_time_iters, args.min_rounds, args.max_rounds = 2, 2, 3, 3, 3
         args.gap_s, settings = 0.1, [(1, 1), (8, 2)]
