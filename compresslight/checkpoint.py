@@ -36,6 +36,8 @@ M = TypeVar("M", bound=nn.Module)
 RECORDS_KEY = "compression_records"
 #: Key of each record dict in a callback's state giving its place in the module's edit history.
 EDIT_INDEX_KEY = "edit_index"
+#: Key every Lightning checkpoint holds; plain (third-party) state dicts do not.
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 
 
 def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:
@@ -64,15 +66,22 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, An
     return checkpoint
 
 
-def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_model_weights(path: str | Path, prefix: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(checkpoint, model weights) of an `ImageClassifier` checkpoint (its `model.*` weights, keys
     relative to the model), or ({}, the weights) of a plain state dict of the model, as torchvision
     publishes its ImageNet weights.
+
+    Args:
+        path: the file.
+        prefix: None to tell the two kinds apart from the file; a string for a plain state dict whose
+            keys all carry it (see `read_state_dict`).
 
     Raises:
         FileNotFoundError: if `path` is not a file.
         ValueError: if it is neither.
     """
+    if prefix is not None:
+        return {}, read_state_dict(path, prefix)
     try:
         checkpoint = read_checkpoint(path)
     except UnsafeCheckpointError:
@@ -89,6 +98,79 @@ def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     return checkpoint, {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
 
 
+def read_state_dict(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Reads a plain (third-party) state dict, weights-only, and strips `prefix` from its keys.
+
+    Accepts a file holding the state dict itself or a dict with it under `"state_dict"`, as
+    `akamaster/pytorch_resnet_cifar10` publishes (`{"best_prec1": ..., "state_dict": {...}}`).
+
+    Args:
+        path: the weights file.
+        prefix: removed from the start of every key (`"module."` for weights saved from
+            `nn.DataParallel`); every key must carry it.
+
+    Raises:
+        FileNotFoundError: if `path` is not a file.
+        ValueError: if the file is unreadable, holds objects a weights-only load refuses, is a
+            Lightning checkpoint or holds no state dict, or a key lacks `prefix` (some are listed).
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise checkpoint_load_error(path, error) from error
+    if isinstance(content, dict) and LIGHTNING_VERSION_KEY in content:
+        raise ValueError(
+            f"{str(path)!r} is a Lightning checkpoint, not a plain state dict: give it to `init_from` without "
+            "`init_from_prefix`."
+        )
+    state = content.get("state_dict", content) if isinstance(content, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        found = sorted(map(str, content))[:8] if isinstance(content, dict) else type(content).__name__
+        raise ValueError(
+            f"{str(path)!r} must hold a state dict (name -> tensor), or one under 'state_dict'; found {found}."
+        )
+    unprefixed = [key for key in state if not key.startswith(prefix)]
+    if unprefixed:
+        raise ValueError(
+            f"`init_from_prefix` {prefix!r} must start every key of {str(path)!r}, but {len(unprefixed)} do not "
+            f"(e.g. {unprefixed[:3]}); keys look like {list(state)[:3]}."
+        )
+    return {key[len(prefix) :]: value for key, value in state.items()}
+
+
+def check_weights_fit(
+    model: nn.Module, weights: Mapping[str, torch.Tensor], adapted: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Refuses weights that do not fit `model` exactly, listing every difference kind.
+
+    Args:
+        model: the model the weights are for.
+        weights: the weights as read (keys relative to `model`).
+        adapted: `adapt_pretrained_weights`'s result; tensors it left out (a reset classifier) may
+            be missing.
+        source: where the weights came from, for the message.
+
+    Raises:
+        ValueError: if a tensor has another shape, the weights have tensors the model lacks, or the
+            model has tensors they lack (BatchNorm's `num_batches_tracked` may be missing: files
+            from older torch versions lack it and BatchNorm fills it in).
+    """
+    reset = set(weights) - set(adapted)
+    own = model.state_dict()
+    problems = [
+        *(f"{key}: {tuple(value.shape)} in the file vs {tuple(own[key].shape)} here"
+          for key, value in adapted.items() if key in own and own[key].shape != value.shape),
+        *(f"{key}: not in the model" for key in adapted if key not in own),
+        *(f"{key}: not in the file" for key in own
+          if key not in adapted and key not in reset and not key.endswith("num_batches_tracked")),
+    ]  # fmt: skip
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise ValueError(f"The weights in {source} do not fit {type(model).__name__}: {shown}.")
+
+
 def load_pretrained_weights(model: M, path: str | Path) -> M:
     """Loads `read_model_weights(path)` into `model`, adapted by `adapt_pretrained_weights` (logged).
 
@@ -101,17 +183,7 @@ def load_pretrained_weights(model: M, path: str | Path) -> M:
     """
     _, weights = read_model_weights(path)
     adapted, notes = adapt_pretrained_weights(model, weights)
-    reset = set(weights) - set(adapted)
-    own = model.state_dict()
-    problems = [
-        *(f"{key}: {tuple(value.shape)} in the file vs {tuple(own[key].shape)} here"
-          for key, value in adapted.items() if key in own and own[key].shape != value.shape),
-        *(f"{key}: not in the model" for key in adapted if key not in own),
-        *(f"{key}: not in the file" for key in own if key not in adapted and key not in reset),
-    ]  # fmt: skip
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
-        raise ValueError(f"The weights in {str(path)!r} do not fit {type(model).__name__}: {shown}.")
+    check_weights_fit(model, weights, adapted, source=repr(str(path)))
     model.load_state_dict(adapted, strict=False)
     for note in notes:
         log.info("Weights from %s: %s.", path, note)

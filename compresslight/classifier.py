@@ -25,6 +25,7 @@ from typing_extensions import override
 from compresslight.checkpoint import (
     RECORDS_KEY,
     adapt_pretrained_weights,
+    check_weights_fit,
     check_resumed_schedules,
     checkpoint_load_error,
     read_model_weights,
@@ -60,7 +61,12 @@ class ImageClassifier(pl.LightningModule):
         gamma: LR factor for "multistep" and "exponential".
         init_from: a checkpoint to take weights (and structural edits) from before training: the
             papers' "compress a trained baseline, then fine-tune". Weights only; no optimizer state.
-            A plain state dict of the model works too (torchvision's ImageNet `resnet18` weights).
+            A plain state dict of the model works too (torchvision's ImageNet `resnet18` weights);
+            every tensor must fit, none may be missing (but a reset classifier).
+        init_from_prefix: for a plain state dict whose keys all start with a prefix (`"module."`
+            for weights saved from `nn.DataParallel`, as the published CIFAR ResNets in
+            `../shared/pretrained/` are): the prefix is stripped (`""` reads a state dict that is
+            under `"state_dict"` in the file, without a prefix). None: the file says what it is.
             With another input-channel or class count, the input conv is adapted (grayscale: sum
             of the RGB filters) and the classifier reset, as timm does; the log says so.
 
@@ -83,6 +89,7 @@ class ImageClassifier(pl.LightningModule):
         milestones: Sequence[float] = (0.5, 0.75),
         gamma: float = 0.1,
         init_from: str | None = None,
+        init_from_prefix: str | None = None,
     ) -> None:
         super().__init__()
         _validate_hyperparameters(lr, momentum, weight_decay, label_smoothing, lr_schedule, milestones, gamma)
@@ -100,6 +107,10 @@ class ImageClassifier(pl.LightningModule):
         self.train_metrics = _classification_metrics(num_classes, prefix="train/")
         self.val_metrics = _classification_metrics(num_classes, prefix="val/")
         self.test_metrics = _classification_metrics(num_classes, prefix="test/")
+        if init_from_prefix is not None and init_from is None:
+            raise ValueError(
+                f"`init_from_prefix` ({init_from_prefix!r}) needs `init_from` (the plain state dict to load), got None."
+            )
         if init_from is not None:
             self._init_from_checkpoint(init_from)
 
@@ -200,6 +211,7 @@ class ImageClassifier(pl.LightningModule):
         # The weights came from `init_from` already; a later load must not need that file.
         if "hyper_parameters" in checkpoint and "init_from" in checkpoint["hyper_parameters"]:
             checkpoint["hyper_parameters"]["init_from"] = None
+            checkpoint["hyper_parameters"]["init_from_prefix"] = None
 
     @override
     def on_fit_start(self) -> None:
@@ -253,18 +265,22 @@ class ImageClassifier(pl.LightningModule):
     def _init_from_checkpoint(self, path: str) -> None:
         if not Path(path).is_file():
             raise ValueError(f"`init_from` must be an existing checkpoint file, got {path!r} (no such file).")
-        checkpoint, model_state = read_model_weights(path)
+        checkpoint, model_state = read_model_weights(path, self.hparams.get("init_from_prefix"))
         self._check_architecture(checkpoint)
         self._replay_missing_records(checkpoint.get(RECORDS_KEY, []))
         if not set(model_state) & set(self.model.state_dict()):
             found = list(checkpoint["state_dict"] if checkpoint else model_state)[:4]
             raise ValueError(
                 f"`init_from` {path!r} holds no weight of this model: its keys are {found}..., "
-                f"this model's are {list(self.model.state_dict())[:4]}...."
+                f"this model's are {list(self.model.state_dict())[:4]}.... A plain state dict whose keys carry a "
+                "prefix (e.g. 'module.' from nn.DataParallel) needs `init_from_prefix`."
             )
         # Another input-channel or class count (an ImageNet checkpoint for grayscale Steelpatch):
         # adapt the stem and reset the classifier, as timm does, rather than refuse.
-        model_state, notes = adapt_pretrained_weights(self.model, model_state)
+        adapted, notes = adapt_pretrained_weights(self.model, model_state)
+        if not checkpoint:  # a plain state dict: all of the model or an error (a checkpoint may hold a pruned one)
+            check_weights_fit(self.model, model_state, adapted, source=f"`init_from` {path!r}")
+        model_state = adapted
         for note in notes:
             log.info("init_from %s: %s.", path, note)
         model_state = {f"model.{key}": value for key, value in model_state.items()}

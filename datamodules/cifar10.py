@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from compresslight.datamodules.base import VisionDataModule, check_int, split_count
 from compresslight.datamodules.batch_transforms import batch_random_crop, batch_random_flip
+from compresslight.datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +204,42 @@ def download_cifar10(
     return folder
 
 
+def normalization_statistics(
+    normalization: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a CIFAR10DataModule normalizes with (see its `normalization` argument).
+
+    Raises:
+        ValueError: for an unknown name, `mean`/`std` given with a named preset or missing with
+            "custom", or statistics that are not 3 values (means in [0, 1], stds > 0).
+    """
+    presets = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+    if normalization not in (*presets, "custom"):
+        raise ValueError(f"`normalization` must be one of {[*presets, 'custom']}, got {normalization!r}.")
+    if normalization != "custom":
+        if mean is not None or std is not None:
+            raise ValueError(
+                f"`mean`/`std` are for `normalization: custom`; with {normalization!r} its own statistics are used "
+                f"(got mean={mean!r}, std={std!r})."
+            )
+        return presets[normalization]
+    if mean is None or std is None:
+        raise ValueError(f"`normalization: custom` needs both `mean` and `std`, got mean={mean!r}, std={std!r}.")
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) != 3 or any(not 0.0 <= v <= 1.0 for v in mean):
+        raise ValueError(f"`mean` must be 3 per-channel means in [0, 1] (of [0, 1] pixels), got {list(mean)!r}.")
+    if len(std) != 3 or any(not v > 0.0 for v in std):
+        raise ValueError(f"`std` must be 3 per-channel standard deviations > 0, got {list(std)!r}.")
+    return mean, std
+
+
 class CIFAR10DataModule(VisionDataModule):
     """CIFAR-10: 50,000 training and 10,000 test images, 32 x 32 RGB, 10 classes.
 
     `val_split` holds part of the training set out for validation with a fixed seed; at 0 (the
     default, the papers' protocol) validation runs on the test set. Training batches are random
     crops of the 4-pixel zero-padded image, flipped horizontally at random; every batch is
-    normalized with the CIFAR-10 mean and std.
+    normalized with the CIFAR-10 mean and std (or the `normalization` chosen).
 
     After `setup`, `train_images`/`train_labels` (and `val_*`, `test_*`) hold the splits as
     tensors: uint8 (N, 3, 32, 32) and int64 (N,); `transform_batch(images, train=...)` makes model
@@ -229,9 +259,15 @@ class CIFAR10DataModule(VisionDataModule):
         pin_memory: None pins when CUDA is available.
         crop_padding: zero padding of the random crop, in pixels (0: no crop).
         download_url: archive URL for `download=True` (a mirror of the official archive).
+        normalization: the per-channel statistics every batch is normalized with: "cifar10" (the
+            training set's), "imagenet" (what many published CIFAR weights were trained with, e.g.
+            `../shared/pretrained/`), or "custom" with `mean` and `std`.
+        mean: per-channel means in [0, 1] (3 values), for `normalization: custom` only.
+        std: per-channel standard deviations > 0 (3 values), for `normalization: custom` only.
 
     Raises:
-        ValueError: if a size, count or fraction is out of range.
+        ValueError: if a size, count or fraction is out of range, or the normalization is unknown
+            or its statistics are missing, misplaced or malformed.
     """
 
     def __init__(
@@ -249,6 +285,9 @@ class CIFAR10DataModule(VisionDataModule):
         pin_memory: bool | None = None,
         crop_padding: int = 4,
         download_url: str = CIFAR10_URL,
+        normalization: Literal["cifar10", "imagenet", "custom"] = "cifar10",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -270,8 +309,7 @@ class CIFAR10DataModule(VisionDataModule):
         self.download_url = download_url
         self.num_classes = 10
         self.input_shape = (3, 32, 32)
-        self.mean = CIFAR10_MEAN
-        self.std = CIFAR10_STD
+        self.mean, self.std = normalization_statistics(normalization, mean, std)
         self.train_images: torch.Tensor | None = None
         self.train_labels: torch.Tensor | None = None
         self.val_images: torch.Tensor | None = None
