@@ -39,6 +39,7 @@ from torch.nn.utils import prune as torch_prune
 from torch_pruning import ops as tp_ops
 
 from compresslight.compression.record import CompressionRecord, register_record
+from compresslight.models.resnet_a import ZeroPadShortcut
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ class PruningRecord(CompressionRecord):
 
 
 def _replay_pruner(module: nn.Module) -> tp.pruner.BasePruningFunc | None:
+    if type(module) in _CUSTOMIZED_PRUNERS:
+        return _CUSTOMIZED_PRUNERS[type(module)]
     kind = tp_ops.module2type(module)
     return tp.pruner.PrunerBox.get(kind) if kind in _REPLAYABLE_KINDS else None
 
@@ -218,6 +221,51 @@ def _rollback_on_error(modules: Iterable[nn.Module]) -> Iterator[None]:
             module._buffers.clear()
             module._buffers.update(buffers)
         raise
+
+
+# --- parameter-free zero-pad shortcut (option-A ResNets) ---------------------------------------
+
+
+class ZeroPadShortcutPruner(tp.pruner.BasePruningFunc):
+    """torch-pruning handler for `ZeroPadShortcut`, which torch-pruning cannot trace through alone.
+
+    The shortcut is treated like a 1x1 projection whose weight is a fixed 0/1 placement matrix:
+    its output channels belong to the group of the stage it adds into (with that stage's
+    `conv2`s and BatchNorms), its input channels to the group of the stage before. So removing
+    a channel of a stage removes its output position here (dropping the input channel placed
+    there, if any) and removing a channel of the previous stage stops forwarding it (its
+    position becomes a zero channel). The stages stay separate groups, as with option-B
+    projections, instead of one chain through every stage's identity channels.
+
+    `prune_out_channels` / `prune_in_channels` are separate functions on purpose: torch-pruning
+    couples a layer's inputs with its outputs only when they are the same function.
+    """
+
+    TARGET_MODULES = (ZeroPadShortcut,)
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        removed = set(idxs)
+        remaining = [position for position in range(layer.out_channels) if position not in removed]
+        renumbered = {old: new for new, old in enumerate(remaining)}
+        layer.set_placement([renumbered.get(position, -1) for position in layer.placement], len(remaining))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        removed = set(idxs)
+        kept = [position for channel, position in enumerate(layer.placement) if channel not in removed]
+        layer.set_placement(kept, layer.out_channels)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+
+# Layers without weights that torch-pruning needs a handler for; passed to every dependency
+# graph and pruner here, and used by `PruningRecord.apply` to replay their edits.
+_CUSTOMIZED_PRUNERS: dict[type[nn.Module], tp.pruner.BasePruningFunc] = {ZeroPadShortcut: ZeroPadShortcutPruner()}
 
 
 # --- structured filter pruning ---------------------------------------------------------------
@@ -400,6 +448,7 @@ def prune_filters(
             round_to=round_to,
             # torch-pruning's default roots include nn.LSTM, whose hidden units records cannot replay.
             root_module_types=list(_ROOT_TYPES),
+            customized_pruners=_CUSTOMIZED_PRUNERS,
         )
     record = _prune_and_record(pruner, structure.names)
     if not global_pruning:
@@ -469,7 +518,9 @@ def _analyze(model: nn.Module, inputs: ExampleInputs, ignored: Sequence[nn.Modul
     """Traces `model` once and reads its prunable groups and output layers off the graph."""
     _check_recurrent_layers(model, inputs, ignored)
     with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=inputs, verbose=False, customized_pruners=_CUSTOMIZED_PRUNERS
+        )
     names = {module: name for name, module in model.named_modules()}
 
     # The output comes from the graph's sink nodes (a layer, or a placeholder for a final
@@ -626,8 +677,8 @@ def _check_replayable(group: tp.dependency.Group, names: Mapping[nn.Module, str]
                 f"records cannot replay; wrap it in a module or add {root!r} to `ignored_layers`."
             )
         module = target.module
-        if module not in names or not item.idxs:
-            continue  # torch-pruning's placeholders for adds, reshapes, ...
+        if module not in names or not item.idxs or type(module) in _CUSTOMIZED_PRUNERS:
+            continue  # torch-pruning's placeholders for adds, reshapes, ...; our own parameter-free layers
         kind = tp_ops.module2type(module)
         grouped = isinstance(module, nn.modules.conv._ConvNd) and kind == tp_ops.OPTYPE.CONV and module.groups > 1
         is_output = graph.is_out_channel_pruning_fn(item.dep.handler)
