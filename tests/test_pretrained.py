@@ -109,6 +109,22 @@ def test_a_prefixed_plain_state_dict_loads_every_key(tmp_path: Path) -> None:
     torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
 
 
+def test_a_checkpoint_of_a_run_started_from_a_state_dict_loads_without_that_file(tmp_path: Path) -> None:
+    path = tmp_path / "published.th"
+    save_published_style(randomized(create_model("resnet20_a", num_classes=4)), path)
+    model = ImageClassifier(
+        arch="resnet20_a", num_classes=4, input_shape=INPUT_SHAPE, init_from=str(path), init_from_prefix="module."
+    )
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(model, tiny_loaders()[0])
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    path.unlink()
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "run.ckpt").eval()
+    assert loaded.hparams.init_from is None and loaded.hparams.init_from_prefix is None
+    x = torch.randn(2, *INPUT_SHAPE)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
 def test_a_bare_state_dict_loads_with_an_empty_prefix(tmp_path: Path) -> None:
     source = randomized(create_model("resnet20_a", num_classes=4))
     path = tmp_path / "bare.pt"
