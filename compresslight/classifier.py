@@ -25,8 +25,8 @@ from typing_extensions import override
 from compresslight.checkpoint import (
     RECORDS_KEY,
     adapt_pretrained_weights,
-    check_weights_fit,
     check_resumed_schedules,
+    check_weights_fit,
     checkpoint_load_error,
     read_model_weights,
     schedule_lengths,
