@@ -45,15 +45,16 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
 from compresslight.callbacks.structural_edit import _EDIT_COUNT_ATTR, DivergenceGuard, find_example_inputs
 from compresslight.checkpoint import load_compressed_checkpoint, read_checkpoint
 from compresslight.compression.distillation import freeze_teacher, soft_target_loss
+from compresslight.lightning_compat import Callback
 
 log = logging.getLogger(__name__)
 

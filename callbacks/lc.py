@@ -48,17 +48,16 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
 from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.lc import FlopsCost, LCState, LCStepReport, LowRankLC, RankCost, StorageCost
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import BACKENDS, STATISTICS, RuntimeModel
+from compresslight.lightning_compat import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -563,11 +562,7 @@ def _log_dir(trainer: pl.Trainer) -> Path:
     `trainer.log_dir` is a collective under DDP (it broadcasts rank 0's path): called from
     rank-zero-only code it would wait forever for the other ranks.
     """
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        path = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
-    else:
-        path = None
+    path = pl.logger_log_dir(trainer.loggers[0]) if trainer.loggers else None
     log_dir = Path(path or trainer.default_root_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     return log_dir

@@ -36,12 +36,11 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import WandbLogger
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
+from compresslight.lightning_compat import Callback
 from compresslight.profiling import (
     ModelProfile,
     SpeedupReport,
@@ -299,7 +298,7 @@ class ProfileCallback(Callback):
         summary = f"\n{speedup_summary(self.reports)}" if self.reports else ""
         log.info("ProfileCallback wrote %s.%s", out_dir / "profile.md", summary)
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
+            if pl.is_wandb_logger(logger):
                 columns, rows = _table(self.baseline, self.latest)
                 logger.log_table(key="profile/table", columns=columns, data=rows)
                 plot = out_dir / PLOT_NAME

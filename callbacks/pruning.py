@@ -24,11 +24,11 @@ import fnmatch
 import logging
 from typing import Any, Literal, Mapping, Sequence
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
 from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.pruning import (
     make_pruning_permanent,

@@ -63,12 +63,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from torch import nn
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
 from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.quantization import (
     DEFAULT_QAT_AVERAGING_CONSTANT,
@@ -87,6 +86,7 @@ from compresslight.compression.quantization import (
 )
 from compresslight.compression.record import CompressionRecord
 from compresslight.evaluation import LogitsOutput, evaluate_top1, logits_of
+from compresslight.lightning_compat import RunningStage, TrainerFn
 from compresslight.profiling.timing import LatencyStats, measure_latency, num_threads
 
 log = logging.getLogger(__name__)
@@ -477,7 +477,7 @@ def _evaluation_stage(trainer: pl.Trainer) -> Iterator[None]:
     # in `on_after_batch_transfer`: calibration and evaluation want evaluation-stage batches.
     stage = trainer.state.stage
     if stage == RunningStage.TRAINING:
-        trainer.state.stage = RunningStage.VALIDATING
+        trainer.state.stage = type(stage).VALIDATING  # the Trainer's own namespace's enum
     try:
         yield
     finally:

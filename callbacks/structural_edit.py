@@ -32,14 +32,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
 from compresslight.checkpoint import EDIT_INDEX_KEY, callback_records
 from compresslight.compression.record import CompressionRecord, as_record, replay
 from compresslight.divergence import (
@@ -50,6 +47,7 @@ from compresslight.divergence import (
     loss_value,
     nonfinite_tensors,
 )
+from compresslight.lightning_compat import Callback, rank_zero_only
 from compresslight.profiling.counting import count_macs
 from compresslight.run_length import describe_limits, planned_epochs
 
@@ -381,7 +379,7 @@ class _RestoreGuard:
         if path in self.snapshots:
             return
         # A LightningModule's own attributes hold the Trainer: copy only what edits change.
-        keys = ("_modules", "_parameters", "_buffers") if isinstance(target, pl.LightningModule) else target.__dict__
+        keys = ("_modules", "_parameters", "_buffers") if pl.is_lightning_module(target) else target.__dict__
         self.snapshots[path] = copy.deepcopy({key: target.__dict__[key] for key in keys})
 
     def __call__(self, checkpoint: dict[str, Any]) -> Any:
@@ -493,7 +491,7 @@ def rebuild_optimizers(
     keep stepping the removed tensors and silently never update the new ones.
     """
     strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy):
+    if pl.is_ddp_strategy(strategy):
         # DDP keeps its own view of the parameters (buckets, hooks): wrap the edited module anew.
         # The new wrapper broadcasts rank 0's weights, so every rank starts the same.
         strategy.model = pl_module

@@ -43,12 +43,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
 from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.tucker import (
     DEFAULT_HOOI_ITERS,
@@ -59,6 +58,7 @@ from compresslight.compression.tucker import (
     decompose_model,
     selected_layers,
 )
+from compresslight.lightning_compat import rank_zero_only
 from compresslight.profiling.counting import count_macs
 from compresslight.profiling.side_by_side import FASTER, format_speedup
 

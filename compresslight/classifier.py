@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
 from compresslight.checkpoint import (
     RECORDS_KEY,
     adapt_pretrained_weights,

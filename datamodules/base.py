@@ -22,11 +22,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
 from compresslight.datamodules.batch_transforms import batch_random_flip, normalize_batch
+from compresslight.lightning_compat import LightningDataModule
 
 log = logging.getLogger(__name__)
 

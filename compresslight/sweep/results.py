@@ -23,11 +23,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
+from compresslight.lightning_compat import Callback
 from compresslight.profiling.counting import count_macs, count_parameters
 from compresslight.profiling.keys import profile_metrics
 

@@ -1,0 +1,158 @@
+"""Both Lightning namespaces, `lightning.pytorch` and `pytorch_lightning`, from one code base.
+
+Users bring their own Lightning: the unified `lightning` package (`import lightning.pytorch as pl`,
+what Lightning's docs use today) or the standalone `pytorch_lightning`. The two are the same code
+under two names, but their classes are distinct: a `lightning.pytorch.Trainer` refuses a
+`pytorch_lightning.Callback` and the other way round. Everything in compresslight imports Lightning
+from here, never from one namespace:
+
+- `Callback`, `LightningModule` and `LightningDataModule` subclass the class of that name in *every*
+  installed namespace, so compresslight's callbacks, `ImageClassifier` and datamodules pass either
+  Trainer's (and either `LightningCLI`'s) type checks. Both namespaces' hooks come from the same
+  source: Lightning's `is_overridden` compares code objects, which compare equal across the two
+  copies when their versions match (test them at matching versions: `constraints.txt`).
+- a user's own objects (module, strategy, loggers) are checked by behaviour (`is_lightning_module`,
+  `is_ddp_strategy`, `is_wandb_logger`, `logger_log_dir`), never against one namespace's class.
+- `namespace_of` / `import_namespace` give the namespace a Trainer or a YAML config belongs to (the
+  CLI builds on that namespace's `LightningCLI`).
+
+`pytorch_lightning` comes first in the classes' MRO: it is the package compresslight declares; with
+matching versions the order changes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from lightning_utilities.core.rank_zero import rank_zero_only  # what both namespaces re-export
+
+#: Import names of the Lightning namespaces compresslight supports, in MRO order.
+NAMESPACE_NAMES: tuple[str, ...] = ("pytorch_lightning", "lightning.pytorch")
+
+
+def _installed_namespaces() -> tuple[ModuleType, ...]:
+    found = []
+    for name in NAMESPACE_NAMES:
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    if not found:
+        raise ImportError(
+            "compresslight needs PyTorch Lightning: `pip install pytorch-lightning` (or `pip install lightning`); "
+            f"found neither of {', '.join(NAMESPACE_NAMES)}."
+        )
+    return tuple(found)
+
+
+#: The installed namespaces (modules), in MRO order.
+NAMESPACES: tuple[ModuleType, ...] = _installed_namespaces()
+_primary = NAMESPACES[0]
+
+# For annotations only: compresslight never type-checks a Trainer, strategy or logger against these.
+Trainer = _primary.Trainer
+Logger = _primary.loggers.Logger
+RunningStage = _primary.trainer.states.RunningStage  # LightningEnums: compare equal across namespaces by value
+TrainerFn = _primary.trainer.states.TrainerFn
+
+
+class Callback(*(namespace.Callback for namespace in NAMESPACES)):  # type: ignore[misc]
+    """Base of compresslight's callbacks: a `Callback` of every installed Lightning namespace."""
+
+
+class LightningModule(*(namespace.LightningModule for namespace in NAMESPACES)):  # type: ignore[misc]
+    """Base of `ImageClassifier`: a `LightningModule` of every installed Lightning namespace."""
+
+    # Deprecated hook (Lightning 2.1) whose docstring differs between the namespaces, so the second
+    # namespace's Trainer would see it overridden and then refuse the module ("Both `configure_model`
+    # and `configure_sharded_model` are overridden"). None reads as "not overridden" to both Trainers
+    # (`is_overridden` returns False for a missing hook) and neither calls it then.
+    configure_sharded_model = None  # type: ignore[assignment]
+
+
+class LightningDataModule(*(namespace.LightningDataModule for namespace in NAMESPACES)):  # type: ignore[misc]
+    """Base of compresslight's datamodules: a `LightningDataModule` of every installed namespace."""
+
+
+def namespace_of(obj: Any) -> ModuleType:
+    """The Lightning namespace whose Trainer, LightningModule, Callback or Strategy `obj` is.
+
+    Objects of compresslight's own classes belong to all; the first installed one is returned.
+
+    Raises:
+        TypeError: if `obj` belongs to no installed namespace.
+    """
+    for namespace in NAMESPACES:
+        kinds = (
+            namespace.Trainer, namespace.LightningModule, namespace.LightningDataModule, namespace.Callback,
+            namespace.strategies.Strategy, namespace.loggers.Logger,
+        )  # fmt: skip
+        if isinstance(obj, kinds):
+            return namespace
+    raise TypeError(
+        f"Expected a Lightning object of one of {', '.join(n.__name__ for n in NAMESPACES)}, "
+        f"got {type(obj).__module__}.{type(obj).__qualname__}."
+    )
+
+
+def import_namespace(name: str) -> ModuleType:
+    """The namespace module `name` ("pytorch_lightning" or "lightning.pytorch").
+
+    Raises:
+        ValueError: for another name.
+        ImportError: if that namespace is not installed, saying which package provides it.
+    """
+    if name not in NAMESPACE_NAMES:
+        raise ValueError(f"Lightning namespace must be one of {NAMESPACE_NAMES}, got {name!r}.")
+    for namespace in NAMESPACES:
+        if namespace.__name__ == name:
+            return namespace
+    package = "lightning" if name == "lightning.pytorch" else "pytorch-lightning"
+    raise ImportError(f"The config uses `{name}`, which is not installed: `pip install {package}`.")
+
+
+def is_lightning_module(obj: Any) -> bool:
+    """Whether `obj` is a LightningModule of any installed namespace."""
+    return isinstance(obj, tuple(namespace.LightningModule for namespace in NAMESPACES))
+
+
+def is_ddp_strategy(strategy: Any) -> bool:
+    """Whether `strategy` wraps the module in DistributedDataParallel (by behaviour: it can re-wrap it).
+
+    `DDPStrategy` of either namespace and its subclasses have `configure_ddp`, which a mid-fit
+    structural edit must call again.
+    """
+    return callable(getattr(strategy, "configure_ddp", None))
+
+
+def is_wandb_logger(logger: Any) -> bool:
+    """Whether `logger` is a W&B logger of any namespace (by behaviour: it logs tables and images)."""
+    return callable(getattr(logger, "log_table", None)) and callable(getattr(logger, "log_image", None))
+
+
+def logger_log_dir(logger: Any) -> str | None:
+    """Where `logger` writes this run's files: its versioned `log_dir` (CSV, TensorBoard), else its
+    `save_dir` (W&B, and loggers without a version dir), else None."""
+    return getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+
+
+__all__ = [
+    "NAMESPACES",
+    "NAMESPACE_NAMES",
+    "Callback",
+    "LightningDataModule",
+    "LightningModule",
+    "Logger",
+    "RunningStage",
+    "Trainer",
+    "TrainerFn",
+    "import_namespace",
+    "is_ddp_strategy",
+    "is_lightning_module",
+    "is_wandb_logger",
+    "logger_log_dir",
+    "namespace_of",
+    "rank_zero_only",
+]
