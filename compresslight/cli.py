@@ -12,25 +12,28 @@ their own work instead of training:
 
 from __future__ import annotations
 
+import functools
+import importlib
 import itertools
 import logging
 import os
+import re
 import sys
 from netrc import netrc
 from pathlib import Path
 from typing import Any, Callable
 
-import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from compresslight import lightning_compat as pl
 from compresslight.classifier import ImageClassifier
 
 log = logging.getLogger(__name__)
 
 
-class CompressLightCLI(LightningCLI):
-    """LightningCLI for `ImageClassifier` and any LightningDataModule (class_path in YAML).
+class CompressLightCLIMixin:
+    """What `CompressLightCLI` adds to a `LightningCLI`, for `ImageClassifier` and any
+    LightningDataModule (class_path in YAML).
 
     Links the datamodule's `num_classes` and `input_shape` into the model, overwrites the
     saved `config.yaml` when a run reuses a log dir, and puts W&B offline when there is no
@@ -47,7 +50,7 @@ class CompressLightCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     @override
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         # As a list, the form a YAML config gives: the model's and the datamodule's recorded
         # hyperparameters must agree for Lightning to log them.
@@ -148,6 +151,49 @@ def find_last_checkpoint(trainer: pl.Trainer) -> Path:
     return max(found, key=lambda path: path.stat().st_mtime)
 
 
+@functools.cache
+def cli_class(namespace: str = pl.NAMESPACES[0].__name__) -> type:
+    """`CompressLightCLI` on the `LightningCLI` of `namespace` ("pytorch_lightning" or
+    "lightning.pytorch"): its Trainer takes that namespace's callbacks and loggers only."""
+    base = importlib.import_module(f"{pl.import_namespace(namespace).__name__}.cli").LightningCLI
+    return type(
+        "CompressLightCLI",
+        (CompressLightCLIMixin, base),
+        {"__module__": __name__, "__doc__": CompressLightCLIMixin.__doc__},
+    )
+
+
+#: The CLI on the first installed namespace (`pytorch_lightning` when installed).
+CompressLightCLI = cli_class()
+
+_NAMESPACE_PATTERN = re.compile(r"(?<![\w.])(pytorch_lightning|lightning\.pytorch)\.")
+
+
+def config_namespace(args: list[str]) -> str:
+    """The Lightning namespace a command line's config names in its class paths, read from the
+    arguments and the YAML files they name; the first installed namespace when it names none
+    (short names such as `ModelCheckpoint` resolve in either).
+
+    Raises:
+        ValueError: if the config names classes of both namespaces (a Trainer takes the callbacks
+            and loggers of its own namespace only).
+    """
+    texts = list(args)
+    for arg in args:
+        candidate = arg.split("=", 1)[-1]
+        if candidate.endswith((".yaml", ".yml", ".json")) and Path(candidate).is_file():
+            texts.append(Path(candidate).read_text())
+    text = re.sub(r"(^|\s)#.*", "", "\n".join(texts))  # comments name no class
+    found = sorted(set(_NAMESPACE_PATTERN.findall(text)))
+    if len(found) > 1:
+        raise ValueError(
+            f"The config names classes of both Lightning namespaces ({' and '.join(found)}): a Trainer takes the "
+            "callbacks and loggers of its own namespace only. Use one, or short names (`ModelCheckpoint`) that "
+            "resolve in either."
+        )
+    return found[0] if found else pl.NAMESPACES[0].__name__
+
+
 def use_wandb_offline_without_account() -> None:
     """Sets `WANDB_MODE=offline` unless the user chose a mode or has W&B credentials.
 
@@ -166,7 +212,7 @@ def use_wandb_offline_without_account() -> None:
 
 def build_from_config(args: list[str]) -> tuple[ImageClassifier, pl.LightningDataModule, pl.Trainer]:
     """Instantiates model, datamodule and Trainer from fit-style arguments (`--config X.yaml ...`)."""
-    cli = CompressLightCLI(args=args, run=False)
+    cli = cli_class(config_namespace(args))(args=args, run=False)
     return cli.model, cli.datamodule, cli.trainer
 
 
@@ -202,7 +248,11 @@ def main(args: list[str] | None = None) -> None:
         # The materialized config is a temporary file; the run keeps its own copy (config.yaml).
         materialized = [path for path in _config_files(args) if path not in _config_files(command_line)]
     try:
-        CompressLightCLI(args=args)  # None: LightningCLI reads sys.argv itself
+        cli = cli_class(config_namespace(command_line))
+    except (ValueError, ImportError) as error:
+        sys.exit(f"error: {error}")
+    try:
+        cli(args=args)  # None: LightningCLI reads sys.argv itself
     finally:
         for path in materialized:
             Path(path).unlink(missing_ok=True)

@@ -8,9 +8,13 @@ from here, never from one namespace:
 
 - `Callback`, `LightningModule` and `LightningDataModule` subclass the class of that name in *every*
   installed namespace, so compresslight's callbacks, `ImageClassifier` and datamodules pass either
-  Trainer's (and either `LightningCLI`'s) type checks. Both namespaces' hooks come from the same
-  source: Lightning's `is_overridden` compares code objects, which compare equal across the two
-  copies when their versions match (test them at matching versions: `constraints.txt`).
+  Trainer's (and either `LightningCLI`'s) type checks. A Trainer asks `is_overridden(hook, obj)`,
+  which compares code objects with its own namespace's: the two copies' code compares equal for
+  most hooks at matching versions (`constraints.txt` pins both), not for those whose docstrings
+  name the namespace. The no-op hooks among those that a Trainer queries are set to None below
+  (read as "not overridden" by both Trainers, never called); `optimizer_step` and
+  `lr_scheduler_step` have real defaults and stay: under the second namespace they read as
+  overridden, which only matters to `GradientAccumulationScheduler` (it refuses such a module).
 - a user's own objects (module, strategy, loggers) are checked by behaviour (`is_lightning_module`,
   `is_ddp_strategy`, `is_wandb_logger`, `logger_log_dir`), never against one namespace's class.
 - `namespace_of` / `import_namespace` give the namespace a Trainer or a YAML config belongs to (the
@@ -65,15 +69,27 @@ class Callback(*(namespace.Callback for namespace in NAMESPACES)):  # type: igno
 class LightningModule(*(namespace.LightningModule for namespace in NAMESPACES)):  # type: ignore[misc]
     """Base of `ImageClassifier`: a `LightningModule` of every installed Lightning namespace."""
 
-    # Deprecated hook (Lightning 2.1) whose docstring differs between the namespaces, so the second
-    # namespace's Trainer would see it overridden and then refuse the module ("Both `configure_model`
-    # and `configure_sharded_model` are overridden"). None reads as "not overridden" to both Trainers
-    # (`is_overridden` returns False for a missing hook) and neither calls it then.
+    # No-op hooks whose code differs between the namespaces (see the module docstring). Inherited,
+    # the second namespace's Trainer reads them as overridden: it refuses the module ("Both
+    # `configure_model` and `configure_sharded_model` are overridden") or calls the default
+    # `val_dataloader`, which raises, when fit gets no validation data. None reads as "not
+    # overridden" to both Trainers (`is_overridden` is False for a None hook) and neither calls it.
     configure_sharded_model = None  # type: ignore[assignment]
+    configure_model = None  # type: ignore[assignment]
+    train_dataloader = None  # type: ignore[assignment]
+    val_dataloader = None  # type: ignore[assignment]
+    test_dataloader = None  # type: ignore[assignment]
+    predict_dataloader = None  # type: ignore[assignment]
 
 
 class LightningDataModule(*(namespace.LightningDataModule for namespace in NAMESPACES)):  # type: ignore[misc]
     """Base of compresslight's datamodules: a `LightningDataModule` of every installed namespace."""
+
+    # As on `LightningModule`: a datamodule without a loader for a stage must read as "not defined".
+    train_dataloader = None  # type: ignore[assignment]
+    val_dataloader = None  # type: ignore[assignment]
+    test_dataloader = None  # type: ignore[assignment]
+    predict_dataloader = None  # type: ignore[assignment]
 
 
 def namespace_of(obj: Any) -> ModuleType:

@@ -23,12 +23,10 @@ TESTS_DIR = Path(__file__).parent
 # prune and after fit, and whether its optimizer holds exactly the module's parameters.
 DDP_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import importlib, json, sys
     from pathlib import Path
     sys.path.insert(0, {tests_dir!r})
-    import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
     from torch import nn
     from helpers import classifier, tiny_loaders
     from test_ddp import parameter_hash
@@ -36,6 +34,8 @@ DDP_SCRIPT = textwrap.dedent(
 
     out_dir = Path(sys.argv[1])
     prune_epoch = int(sys.argv[2])
+    pl = importlib.import_module(sys.argv[3])  # the user's Lightning namespace
+    Callback, ModelCheckpoint = pl.callbacks.Callback, pl.callbacks.ModelCheckpoint
 
     class Watcher(Callback):
         # After the PruningCallback in the list: sees the module right after the edit.
@@ -96,8 +96,9 @@ def conv_widths(module: nn.Module) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prune_epoch", [1, 0], ids=["mid_fit", "one_shot"])
-def test_ddp_pruning_ranks_agree_optimizer_steps_and_checkpoint_reloads(tmp_path, prune_epoch):
-    reports = run_ddp_script(tmp_path, DDP_SCRIPT.format(tests_dir=str(TESTS_DIR)), str(prune_epoch), timeout=240)
+def test_ddp_pruning_ranks_agree_optimizer_steps_and_checkpoint_reloads(tmp_path, prune_epoch, lightning_namespace):
+    script = DDP_SCRIPT.format(tests_dir=str(TESTS_DIR))
+    reports = run_ddp_script(tmp_path, script, str(prune_epoch), lightning_namespace, timeout=240)
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["world_size"] == 2 for r in reports)
     # The edit happened, identically, on both ranks.

@@ -48,9 +48,9 @@ def resolve_fit_config(args: Sequence[str]) -> dict[str, Any]:
         ValueError: if the arguments do not parse (unknown key, wrong type, missing file), with
             the parser's message.
     """
-    from compresslight.cli import CompressLightCLI  # the CLI imports this package's command lazily
+    from compresslight.cli import cli_class, config_namespace  # the CLI imports this package's command lazily
 
-    class _ParseOnlyCLI(CompressLightCLI):
+    class _ParseOnlyCLI(cli_class(config_namespace(list(args)))):
         def instantiate_classes(self) -> None:
             # Checking a config must not build the model or read the checkpoint it names.
             pass
