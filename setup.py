@@ -18,6 +18,21 @@ def read_requirements() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+# Optional parts; `compresslight.optional.EXTRAS` names the modules each provides (its errors name the extra).
+ONNX = ["onnx>=1.23,<2", "onnxscript>=0.7,<1", "onnxruntime>=1.31,<2"]  # int8 export, ONNX Runtime latency
+# psycopg: the PostgreSQL driver of sweeps shared across machines (postgresql+psycopg:// URLs).
+SWEEP = ["optuna>=5,<6", "psycopg[binary]>=3.3,<4"]  # `cli.py sweep`
+WANDB = ["wandb>=0.31,<1"]  # WandbLogger
+EXTRAS = {
+    "onnx": ONNX,
+    "sweep": SWEEP,
+    "wandb": WANDB,
+    "all": ONNX + SWEEP + WANDB,
+    # Both Lightning namespaces: the suite runs the Trainer-level tests under each.
+    # The tests also run a PostgreSQL study (psycopg).
+    "test": ["pytest>=9,<10", "pytest-timeout>=2.4,<3", "lightning>=2.6,<3", "psycopg[binary]>=3.3,<4"],
+}
+
 setup(
     name="compresslight",
     version="0.1.0",
@@ -41,8 +56,6 @@ setup(
         "compresslight.datamodules": "datamodules",
     },
     install_requires=read_requirements(),
-    # psycopg: the PostgreSQL driver of sweeps shared across machines (postgresql+psycopg:// URLs);
-    # the tests run a PostgreSQL study too.
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psycopg[binary]>=3.2"], "sweep": ["psycopg[binary]>=3.2"]},
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["compresslight = compresslight.cli:main"]},
 )

@@ -87,6 +87,7 @@ from compresslight.compression.quantization import (
 from compresslight.compression.record import CompressionRecord
 from compresslight.evaluation import LogitsOutput, evaluate_top1, logits_of
 from compresslight.lightning_compat import RunningStage, TrainerFn
+from compresslight.optional import require_extra
 from compresslight.profiling.timing import LatencyStats, measure_latency, num_threads
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ class QuantizationCallback(StructuralCompressionCallback):
         _check_int("latency_iters", latency_iters, 1)
         if threads is not None:
             _check_int("threads", threads, 1)
+        if int8:
+            require_extra("onnx", "`QuantizationCallback(int8=True)` (`int8=False`: the simulated model only)")
         self.bits = bits
         self.per_channel = per_channel
         self.calibration_batches = calibration_batches

@@ -179,6 +179,9 @@ def runtime_model_command(args: list[str]) -> None:
 
 def sweep_command(args: list[str]) -> None:
     """`cli.py sweep --config configs/sweeps/X.yaml`: search compression parameters (paper 002)."""
+    from compresslight.optional import require_extra
+
+    require_extra("sweep", "`cli.py sweep`")
     from compresslight.sweep import sweep_command as run_sweep
 
     run_sweep(args)
