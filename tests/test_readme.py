@@ -17,7 +17,7 @@ def python_blocks() -> list[str]:
 
 def test_readme_has_the_two_setup_commands():
     text = README.read_text()
-    assert 'pip install -e ".[test]" && python cli.py fit --config configs/quickstart.yaml' in text
+    assert 'pip install -e ".[all,test]" -c constraints.txt && python cli.py fit --config configs/quickstart.yaml' in text
     assert "OMP_NUM_THREADS=1 python -m pytest" in text
     assert (README.parent / "configs" / "quickstart.yaml").is_file()
 
