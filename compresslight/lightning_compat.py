@@ -17,11 +17,10 @@ from here, never from one namespace:
   overridden, which only matters to `GradientAccumulationScheduler` (it refuses such a module).
 - a user's own objects (module, strategy, loggers) are checked by behaviour (`is_lightning_module`,
   `is_ddp_strategy`, `is_wandb_logger`, `logger_log_dir`), never against one namespace's class.
-- `namespace_of` / `import_namespace` give the namespace a Trainer or a YAML config belongs to (the
-  CLI builds on that namespace's `LightningCLI`).
+- `import_namespace` gives the namespace a YAML config names (the CLI builds on its `LightningCLI`).
 
-`pytorch_lightning` comes first in the classes' MRO: it is the package compresslight declares; with
-matching versions the order changes nothing.
+`pytorch_lightning` comes first in the classes' MRO (the package compresslight declares), so its
+Trainer is the one that reads `optimizer_step` and `lr_scheduler_step` as inherited.
 """
 
 from __future__ import annotations
@@ -92,27 +91,6 @@ class LightningDataModule(*(namespace.LightningDataModule for namespace in NAMES
     predict_dataloader = None  # type: ignore[assignment]
 
 
-def namespace_of(obj: Any) -> ModuleType:
-    """The Lightning namespace whose Trainer, LightningModule, Callback or Strategy `obj` is.
-
-    Objects of compresslight's own classes belong to all; the first installed one is returned.
-
-    Raises:
-        TypeError: if `obj` belongs to no installed namespace.
-    """
-    for namespace in NAMESPACES:
-        kinds = (
-            namespace.Trainer, namespace.LightningModule, namespace.LightningDataModule, namespace.Callback,
-            namespace.strategies.Strategy, namespace.loggers.Logger,
-        )  # fmt: skip
-        if isinstance(obj, kinds):
-            return namespace
-    raise TypeError(
-        f"Expected a Lightning object of one of {', '.join(n.__name__ for n in NAMESPACES)}, "
-        f"got {type(obj).__module__}.{type(obj).__qualname__}."
-    )
-
-
 def import_namespace(name: str) -> ModuleType:
     """The namespace module `name` ("pytorch_lightning" or "lightning.pytorch").
 
@@ -169,6 +147,5 @@ __all__ = [
     "is_lightning_module",
     "is_wandb_logger",
     "logger_log_dir",
-    "namespace_of",
     "rank_zero_only",
 ]
