@@ -187,6 +187,26 @@ def test_fit_with_pruning_and_profile_on_a_user_module(tmp_path, pl):
     assert (log_dir / "profile.md").is_file() and profiler.reports
 
 
+@pytest.mark.slow  # three callbacks' reports (Tucker ranks, quantized evaluation, teacher copy): ~6 s
+def test_tucker_quantization_and_distillation_in_one_fit(tmp_path, pl):
+    tucker = TuckerVBMFCallback(rank_method=0.5, layers=["layer1.*"])
+    quantization = QuantizationCallback(calibration_batches=1, eval_batches=1, int8=False, latency_batch_sizes=[])
+    distillation = DistillationCallback("self", alpha=0.5)
+    model = classifier()
+    trainer = trainer_of(
+        pl,
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        callbacks=[distillation, tucker, quantization],
+    )
+    trainer.fit(model, *tiny_loaders())
+    assert tucker.report and optimizer_holds_module_parameters(trainer, model)
+    # The quantization report ran its evaluation stage on this namespace's Trainer.
+    assert {"quant/val_top1_float", "quant/val_top1_sim8"} <= set(quantization.results)
+
+
 def test_lc_log_lands_in_the_loggers_version_dir(tmp_path, pl):
     lc = LCCallback(lam=1.0, cost="flops", steps=1, mu_init=1e-2, epochs_per_step=1)
     logger = pl.loggers.CSVLogger(tmp_path, name="run", version=0)
