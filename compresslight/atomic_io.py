@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 from typing_extensions import override
+
+from compresslight.lightning_compat import TorchCheckpointIO
 
 __all__ = ["AtomicCheckpointIO", "atomic_write", "atomic_write_text"]
 

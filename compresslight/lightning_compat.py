@@ -6,9 +6,9 @@ under two names, but their classes are distinct: a `lightning.pytorch.Trainer` r
 `pytorch_lightning.Callback` and the other way round. Everything in compresslight imports Lightning
 from here, never from one namespace:
 
-- `Callback`, `LightningModule` and `LightningDataModule` subclass the class of that name in *every*
-  installed namespace, so compresslight's callbacks, `ImageClassifier` and datamodules pass either
-  Trainer's (and either `LightningCLI`'s) type checks. A Trainer asks `is_overridden(hook, obj)`,
+- `Callback`, `LightningModule`, `LightningDataModule` and `TorchCheckpointIO` subclass the class of
+  that name in *every* installed namespace, so compresslight's callbacks, `ImageClassifier`,
+  datamodules and `AtomicCheckpointIO` pass either Trainer's (and either `LightningCLI`'s) type checks. A Trainer asks `is_overridden(hook, obj)`,
   which compares code objects with its own namespace's: the two copies' code compares equal for
   most hooks at matching versions (`constraints.txt` pins both), not for those whose docstrings
   name the namespace. The no-op hooks among those that a Trainer queries are set to None below
@@ -91,6 +91,10 @@ class LightningDataModule(*(namespace.LightningDataModule for namespace in NAMES
     predict_dataloader = None  # type: ignore[assignment]
 
 
+class TorchCheckpointIO(*(namespace.plugins.io.TorchCheckpointIO for namespace in NAMESPACES)):  # type: ignore[misc]
+    """Base of `AtomicCheckpointIO`: Lightning's checkpoint writer, a plugin of every installed namespace."""
+
+
 def import_namespace(name: str) -> ModuleType:
     """The namespace module `name` ("pytorch_lightning" or "lightning.pytorch").
 
@@ -140,6 +144,7 @@ __all__ = [
     "LightningModule",
     "Logger",
     "RunningStage",
+    "TorchCheckpointIO",
     "Trainer",
     "TrainerFn",
     "import_namespace",

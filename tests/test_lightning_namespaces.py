@@ -13,6 +13,12 @@ from types import ModuleType
 import pytest
 import torch
 import yaml
+from lightning_utilities.core.overrides import is_overridden
+from torch import nn
+from torch.nn import functional as F
+
+from compresslight import ImageClassifier, compare, create_model, lightning_compat, load_compressed_checkpoint, profile
+from compresslight.atomic_io import AtomicCheckpointIO
 from compresslight.callbacks import (
     DistillationCallback,
     LCCallback,
@@ -21,14 +27,9 @@ from compresslight.callbacks import (
     QuantizationCallback,
     TuckerVBMFCallback,
 )
+from compresslight.cli import build_from_config, cli_class, config_namespace
 from compresslight.datamodules import CIFAR10DataModule, SyntheticDataModule
 from helpers import INPUT_SHAPE, classifier, tiny_loaders
-from lightning_utilities.core.overrides import is_overridden
-from torch import nn
-from torch.nn import functional as F
-
-from compresslight import ImageClassifier, compare, create_model, lightning_compat, load_compressed_checkpoint, profile
-from compresslight.cli import build_from_config, cli_class, config_namespace
 
 CALLBACKS = (
     DistillationCallback,
@@ -291,6 +292,7 @@ def test_cli_builds_the_trainer_of_the_namespace_the_config_names(tmp_path, ligh
     assert isinstance(trainer.logger, namespace.loggers.CSVLogger)
     assert any(isinstance(c, PruningCallback) for c in trainer.callbacks)
     assert isinstance(model, ImageClassifier) and isinstance(datamodule, SyntheticDataModule)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # the CLI's default writer
 
 
 def test_the_namespaces_own_lightning_cli_accepts_our_classes_by_class_path(tmp_path, lightning_namespace):
