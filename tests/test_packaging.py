@@ -52,7 +52,9 @@ def test_extras_install_the_modules_the_code_checks_for():
         for extra in EXTRAS:
             if requirement.marker is not None and requirement.marker.evaluate({"extra": extra}):
                 extras.setdefault(extra, set()).add(canonicalize_name(requirement.name))
-    assert {extra: set(map(canonicalize_name, modules)) for extra, modules in EXTRAS.items()} == extras
+    # Each module the code checks for comes with its extra (an extra may bring more, e.g. psycopg).
+    for extra, modules in EXTRAS.items():
+        assert set(map(canonicalize_name, modules)) <= extras[extra], extra
     assert {"lightning", "pytorch-lightning"} <= {canonicalize_name(r.name) for r in declared()}
 
 
