@@ -19,11 +19,11 @@ import time
 
 import pytorch_lightning as pl
 import torch
+from compresslight.datamodules import CIFAR10DataModule
 from torch.nn import functional as F
 
 from compresslight import create_model
 from compresslight.cli import build_from_config
-from compresslight.datamodules import CIFAR10DataModule
 from compresslight.profiling.side_by_side import SideBySide
 
 
@@ -49,7 +49,8 @@ class StepTimer(pl.Callback):
 def lightning_images_per_second(args: argparse.Namespace, log_dir: str) -> float:
     model, datamodule, trainer = build_from_config(
         [
-            "--config", "configs/resnet20_baseline.yaml",
+            "--config",
+            "configs/resnet20_baseline.yaml",
             f"--data.data_dir={args.data_dir}",
             "--trainer.max_epochs=1",
             f"--trainer.limit_train_batches={args.warmup + args.steps}",
@@ -112,8 +113,10 @@ def main() -> None:
         result = options.run(contenders, "plain PyTorch loop", timer=lambda run: 1.0 / run(), progress=None)
 
     print()
-    print(f"ResNet20, batch 128, real CIFAR-10, {args.threads} threads, {args.steps} timed steps x {result.rounds} rounds "
-          f"({images} images per turn), side by side; machine: {result.load.summary()}")
+    print(
+        f"ResNet20, batch 128, real CIFAR-10, {args.threads} threads, {args.steps} timed steps x {result.rounds} rounds "
+        f"({images} images per turn), side by side; machine: {result.load.summary()}"
+    )
     print()
     print("| path | images/s (median) | min | max |")
     print("|---|---|---|---|")
@@ -122,8 +125,10 @@ def main() -> None:
         print(f"| {name} | {statistics.median(rates):.1f} | {min(rates):.1f} | {max(rates):.1f} |")
     print()
     speedup = result.speedup_of("`cli.py fit` (Lightning)")
-    print(f"throughput `cli.py fit` / plain, paired per round: {speedup.label()} ({speedup.verdict}; per round: "
-          f"{', '.join(f'{r:.3f}' for r in speedup.round_speedups)})")
+    print(
+        f"throughput `cli.py fit` / plain, paired per round: {speedup.label()} ({speedup.verdict}; per round: "
+        f"{', '.join(f'{r:.3f}' for r in speedup.round_speedups)})"
+    )
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from compresslight.callbacks.lc import LCCallback
+from compresslight.datamodules import CIFAR10DataModule
 from pytorch_lightning.loggers import CSVLogger
 
-from compresslight.callbacks.lc import LCCallback
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.lc import (
     FlopsCost,
@@ -63,10 +64,9 @@ from compresslight.compression.lc import (
 )
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import RuntimeModel
-from compresslight.datamodules import CIFAR10DataModule
 from compresslight.profiling import num_threads
-from compresslight.profiling.side_by_side import SideBySide, SideBySideReport, compare_models, format_speedup
 from compresslight.profiling.counting import count_macs, count_parameters
+from compresslight.profiling.side_by_side import SideBySide, SideBySideReport, compare_models, format_speedup
 
 log = logging.getLogger("lc_runtime_vs_flops")
 
@@ -85,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_threads", type=int, default=None, help="torch threads while training")
     parser.add_argument("--grid_points", type=int, default=8)
     parser.add_argument("--iters", type=int, default=50, help="timed calls per latency measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating latency measurements of all models at the end")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="alternating latency measurements of all models at the end"
+    )
     parser.add_argument("--evaluate", type=int, default=10, help="random rank configurations to check it on")
     parser.add_argument("--target", type=float, default=0.5, help="goal for R(r), fraction of the dense layers'")
     parser.add_argument("--costs", nargs="+", default=["runtime", "flops"], choices=["runtime", "flops", "storage"])
@@ -98,8 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--mu_init", type=float, default=1e-2)
     parser.add_argument("--mu_growth", type=float, default=4.0)
-    parser.add_argument("--calibrate_at", choices=["first", "last"], default="first",
-                        help="the mu whose C step on the baseline weights aims at --target (see above)")
+    parser.add_argument(
+        "--calibrate_at",
+        choices=["first", "last"],
+        default="first",
+        help="the mu whose C step on the baseline weights aims at --target (see above)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script works")
     args = parser.parse_args(argv)
@@ -204,10 +210,14 @@ def remeasure_side_by_side(
     for row in rows:
         name = row["name"]
         medians = [t * 1e3 for t in result.round_latencies_s[name]]
-        row.update(latency_median_ms=statistics.median(medians), latency_min_ms=min(medians), latency_round_medians_ms=medians)
+        row.update(
+            latency_median_ms=statistics.median(medians), latency_min_ms=min(medians), latency_round_medians_ms=medians
+        )
         if name != result.baseline:
             speedup = result.speedup_of(name)
-            row.update(speedup=speedup.estimate, speedup_low=speedup.low, speedup_high=speedup.high, verdict=speedup.verdict)
+            row.update(
+                speedup=speedup.estimate, speedup_low=speedup.low, speedup_high=speedup.high, verdict=speedup.verdict
+            )
     return report
 
 

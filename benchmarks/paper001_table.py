@@ -42,13 +42,14 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+from compresslight.datamodules import CIFAR10DataModule
 from torch import nn
 
-from compresslight.evaluation import evaluate_top1
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.quantization import (
     OnnxRuntimeModel,
@@ -56,7 +57,7 @@ from compresslight.compression.quantization import (
     export_onnx,
     quantize_model_simulated,
 )
-from compresslight.datamodules import CIFAR10DataModule
+from compresslight.evaluation import evaluate_top1
 from compresslight.profiling.counting import count_macs, count_parameters
 from compresslight.profiling.environment import cpu_model_name
 from compresslight.profiling.side_by_side import SideBySide, SideBySideResult
@@ -76,20 +77,30 @@ PAPER_TABLE_V = [
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vgg16", type=Path, help="checkpoint of the trained VGG16 (configs/vgg16_baseline.yaml)")
-    parser.add_argument("--compact", type=Path, help="checkpoint of the trained compact VGG16 (configs/vgg16_compact.yaml)")
+    parser.add_argument(
+        "--compact", type=Path, help="checkpoint of the trained compact VGG16 (configs/vgg16_compact.yaml)"
+    )
     parser.add_argument("--compact-distill", type=Path, help="checkpoint of the distilled compact VGG16 (optional)")
     parser.add_argument("--data-dir", default="../shared/data/cifar10", help="folder holding cifar-10-batches-py/")
     parser.add_argument("--bits", type=int, default=8, help="width of the simulated quantization (paper 001: 8)")
     parser.add_argument("--per-channel", action="store_true", help="per-channel weight ranges (paper 001: per tensor)")
-    parser.add_argument("--calibration-batches", type=int, default=10, help="training batches of 128 that set the ranges")
-    parser.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    parser.add_argument(
+        "--calibration-batches", type=int, default=10, help="training batches of 128 that set the ranges"
+    )
+    parser.add_argument(
+        "--test-images", type=int, default=None, help="evaluate on the first N test images (default: all)"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128], help="latency batch sizes")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
     parser.add_argument("--iters", type=int, default=50, help="timed calls; the median is reported")
     parser.add_argument("--rounds", type=int, default=5, help="side-by-side rounds (at least) over all models")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime); default: torch's")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime); default: torch's"
+    )
     parser.add_argument("--device", default="cpu", help="where the PyTorch models are evaluated for accuracy")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here (and .json beside it)")
     parser.add_argument(
@@ -184,11 +195,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sources = {"vgg16": vgg16_source, "compact": compact_source}
     float_models: dict[str, nn.Module] = {"vgg16": vgg16, "compact": compact}
     if args.compact_distill is not None:
-        float_models["compact_distill"], sources["compact_distill"] = load_network(args.compact_distill, "vgg16_compact")
+        float_models["compact_distill"], sources["compact_distill"] = load_network(
+            args.compact_distill, "vgg16_compact"
+        )
     for model in float_models.values():
         model.to(device)
     sim_name = f"vgg16_sim{args.bits}"
-    simulated = quantize_model_simulated(vgg16, calibration_batches=calibration, bits=args.bits, per_channel=args.per_channel)
+    simulated = quantize_model_simulated(
+        vgg16, calibration_batches=calibration, bits=args.bits, per_channel=args.per_channel
+    )
 
     work = Path(tempfile.mkdtemp(prefix="paper001_"))
     out_dir = args.out.parent if args.out is not None else work
@@ -196,7 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vgg16_cpu = copy.deepcopy(vgg16).cpu()
     float_onnx = export_onnx(vgg16_cpu, (1, *INPUT_SHAPE), out_dir / "vgg16_float.onnx")
     int8_onnx = export_int8_onnx(
-        vgg16_cpu, (1, *INPUT_SHAPE), [x.cpu() for x in calibration], out_dir / "vgg16_int8.onnx", per_channel=args.per_channel
+        vgg16_cpu,
+        (1, *INPUT_SHAPE),
+        [x.cpu() for x in calibration],
+        out_dir / "vgg16_int8.onnx",
+        per_channel=args.per_channel,
     )
     ort_models = {
         "vgg16_ort_float": OnnxRuntimeModel(float_onnx, num_threads=threads),
@@ -208,7 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {**float_models, sim_name: simulated, **ort_models}, model_batches(datamodule, "test", device, args.test_images)
     )
     log.info("Measuring CPU latency (%d threads, batch sizes %s) ...", threads, args.batch_sizes)
-    cpu_models = {name: copy.deepcopy(model).cpu().eval() for name, model in {**float_models, sim_name: simulated}.items()}
+    cpu_models = {
+        name: copy.deepcopy(model).cpu().eval() for name, model in {**float_models, sim_name: simulated}.items()
+    }
     latency, side_by_side = side_by_side_latency({**cpu_models, **ort_models}, args.batch_sizes, threads, args)
 
     example = torch.zeros(1, *INPUT_SHAPE)
@@ -280,7 +301,8 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, threads: i
         f"(all models alternate in each) of the median of {args.iters} calls after {args.warmup} warm-up, {threads} threads; "
         "speedups paired per round, with 95% intervals "
         f"({cpu_model_name()}); MACs at batch 1; sizes: torch.save of "
-        "the state dict, or the .onnx file, in MiB as paper 001's \"MB\"." + (" QUICK RUN: untrained models, not results." if args.quick else ""),
+        'the state dict, or the .onnx file, in MiB as paper 001\'s "MB".'
+        + (" QUICK RUN: untrained models, not results." if args.quick else ""),
         "",
         "Paper 001, Table V (for reference):",
         "",

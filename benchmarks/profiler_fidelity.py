@@ -28,7 +28,8 @@ import argparse
 import os
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,12 @@ MODES = ("inference", "train")
 
 
 def timed(
-    mode: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, threads: int, min_run_time: float,
+    mode: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    threads: int,
+    min_run_time: float,
     device: torch.device,
 ) -> benchmark.Measurement:
     """Timer's measurement of inference (eval, inference mode) or the train step on `x`."""
@@ -178,15 +184,19 @@ def run(args: argparse.Namespace) -> None:
         )
 
     print()
-    print(f"Environment: {environment.device_name} ({environment.device}), torch {environment.torch_version}, "
-          f"host `{environment.hostname}`, {os.cpu_count()} logical CPUs; protocol {args.warmup} warm-up + "
-          f"{args.iters} timed; 1-min load average during the run: min {min(loads):.1f}, median "
-          f"{statistics.median(loads):.1f}, max {max(loads):.1f}.")
+    print(
+        f"Environment: {environment.device_name} ({environment.device}), torch {environment.torch_version}, "
+        f"host `{environment.hostname}`, {os.cpu_count()} logical CPUs; protocol {args.warmup} warm-up + "
+        f"{args.iters} timed; 1-min load average during the run: min {min(loads):.1f}, median "
+        f"{statistics.median(loads):.1f}, max {max(loads):.1f}."
+    )
     print()
-    print(f"Latency, ms per batch: profile()'s median vs torch.utils.benchmark.Timer.blocked_autorange's median, "
-          f"measured right before and right after each profile() call; {args.repeats} round(s); cells: median over "
-          f"rounds (range). ratio: profile() / mean of the Timer medians around it, median over rounds (range). "
-          f"Timer drift: Timer after / Timer before, the reference's own reproducibility (noise floor).")
+    print(
+        f"Latency, ms per batch: profile()'s median vs torch.utils.benchmark.Timer.blocked_autorange's median, "
+        f"measured right before and right after each profile() call; {args.repeats} round(s); cells: median over "
+        f"rounds (range). ratio: profile() / mean of the Timer medians around it, median over rounds (range). "
+        f"Timer drift: Timer after / Timer before, the reference's own reproducibility (noise floor)."
+    )
     print()
     print("| model | input | batch | threads | mode | profile() | Timer | ratio | Timer drift | within 5% |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -200,8 +210,10 @@ def run(args: argparse.Namespace) -> None:
     print()
     print("Memory, MiB: estimate (tensor counting) vs measured peak (static tensors + peak allocated during one step)")
     print()
-    print("| model | batch | inference estimate | inference measured | measured/estimate | train estimate "
-          "| train measured | measured/estimate |")
+    print(
+        "| model | batch | inference estimate | inference measured | measured/estimate | train estimate "
+        "| train measured | measured/estimate |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(memory_rows))
 

@@ -103,8 +103,10 @@ def main() -> None:
         models, input_shape, base_name, batch_sizes=(args.batch_size,), threads=(args.threads,), options=options
     )
     inference, train = (report.result_for(mode=mode) for mode in ("inference", "train"))
-    print(f"Side by side, at least {args.rounds} alternating rounds, batch {args.batch_size}, {args.threads} thread(s), "
-          f"median of {args.iters} after {args.warmup} warm-up per turn; ms = median over rounds (range).\n")
+    print(
+        f"Side by side, at least {args.rounds} alternating rounds, batch {args.batch_size}, {args.threads} thread(s), "
+        f"median of {args.iters} after {args.warmup} warm-up per turn; ms = median over rounds (range).\n"
+    )
     if objective:
         print(f"Trials: the base schedule and the best by `{objective}` in {args.sweep_dir / 'results.csv'}.\n")
     print(f"| model | params | inference ms | in the sweep | train step ms | inference speedup vs {base_name} |")
@@ -112,7 +114,11 @@ def main() -> None:
     for name, model in models.items():
         rounds = inference.round_latencies_s[name]
         number = None if name == "unpruned baseline" else int(name.split()[1])
-        swept_ms = "-" if number is None or not swept[number].get(objective or "") else f"{float(swept[number][objective]):.2f}"
+        swept_ms = (
+            "-"
+            if number is None or not swept[number].get(objective or "")
+            else f"{float(swept[number][objective]):.2f}"
+        )
         speedup = "-"
         if name != base_name:
             paired = inference.speedup_of(name)

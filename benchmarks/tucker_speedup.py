@@ -80,8 +80,15 @@ def profile_all(
     profiles = {
         threads: {
             name: profile(
-                model, CIFAR_SHAPE, batch_sizes=args.batch_sizes, device=args.device, threads=threads,
-                warmup=args.warmup, iters=args.iters, measure_memory=False, name=name,
+                model,
+                CIFAR_SHAPE,
+                batch_sizes=args.batch_sizes,
+                device=args.device,
+                threads=threads,
+                warmup=args.warmup,
+                iters=args.iters,
+                measure_memory=False,
+                name=name,
             )  # fmt: skip
             for name, model in models.items()
         }
@@ -102,8 +109,9 @@ def profile_all(
 
 def top1(model: nn.Module, args: argparse.Namespace) -> float | None:
     """Validation top-1 on CIFAR-10's test split (None when the data is not there)."""
-    from compresslight.commands import evaluate_top1
     from compresslight.datamodules import CIFAR10DataModule
+
+    from compresslight.commands import evaluate_top1
 
     if not (Path(args.data_dir) / "cifar-10-batches-py").is_dir():
         return None
@@ -222,15 +230,19 @@ def run(args: argparse.Namespace) -> None:
     print("## Ranks (out x in for Tucker-2, one rank for an SVD split)\n")
     print(ranks_table(records))
     print()
-    print(f"Decomposition time: plain VBMF {plain_seconds:.2f} s, runtime-aware {aware_seconds:.2f} s "
-          f"(timing {len(args.batch_sizes)} batch sizes x {len(args.threads)} thread counts x 2 modes per layer, "
-          f"then {len(aware_record.whole_model)} whole-model check(s)).\n")
+    print(
+        f"Decomposition time: plain VBMF {plain_seconds:.2f} s, runtime-aware {aware_seconds:.2f} s "
+        f"(timing {len(args.batch_sizes)} batch sizes x {len(args.threads)} thread counts x 2 modes per layer, "
+        f"then {len(aware_record.whole_model)} whole-model check(s)).\n"
+    )
     print(whole_model_table(aware_record))
 
     profiles, paired = profile_all(models, args, loads)
     print("## Params, MACs, accuracy right after decomposition (no fine-tuning)\n")
-    print("| model | params | MACs (batch 1) | params ratio | theoretical speedup (FLOPs) | top-1 "
-          "| worst observed speedup |")
+    print(
+        "| model | params | MACs (batch 1) | params ratio | theoretical speedup (FLOPs) | top-1 "
+        "| worst observed speedup |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     reports: dict[str, list[SpeedupReport]] = {name: [] for name in records}
     for threads, by_model in profiles.items():
@@ -247,10 +259,14 @@ def run(args: argparse.Namespace) -> None:
             "-" if accuracy is None else f"{accuracy:.2%}", worst_speedup(reports[name]) if name in reports else "-",
         ]  # fmt: skip
         print("| " + " | ".join(cells) + " |", flush=True)
-    print("\nPaper 000 (ResNet20, Tucker VBMF): 272K -> 25K params, theoretical speedup 8.73, 79.35% after 100 "
-          "epochs of fine-tuning; observed 0.51-1.48.\n")
-    print("## Observed speedup (side by side: the four models alternate in rounds, >= "
-          f"{args.rounds} rounds of the median of {args.iters} calls after {args.warmup} warm-up; paired per round)\n")
+    print(
+        "\nPaper 000 (ResNet20, Tucker VBMF): 272K -> 25K params, theoretical speedup 8.73, 79.35% after 100 "
+        "epochs of fine-tuning; observed 0.51-1.48.\n"
+    )
+    print(
+        "## Observed speedup (side by side: the four models alternate in rounds, >= "
+        f"{args.rounds} rounds of the median of {args.iters} calls after {args.warmup} warm-up; paired per round)\n"
+    )
     print(speedup_markdown([report for name in records for report in reports[name]]))
     print(paired.to_markdown())
 
@@ -263,12 +279,16 @@ def run(args: argparse.Namespace) -> None:
             times.append(seconds)
         reference = reference_decomposition_seconds(resnet18) if args.reference else None
     print(f"## ResNet18 decomposition time (random-init weights, VBMF ranks, {threads} thread(s))\n")
-    print(f"compresslight: median {statistics.median(times):.2f} s over {len(times)} run(s) "
-          f"(min {min(times):.2f}, max {max(times):.2f})"
-          + ("" if reference is None else f"; plain SVD-VBMF + tensorly partial_tucker defaults: {reference:.2f} s")
-          + ".\n")
-    print(f"1-min load average during the run: min {min(loads):.1f}, median {statistics.median(loads):.1f}, "
-          f"max {max(loads):.1f} ({os.cpu_count()} logical CPUs).")
+    print(
+        f"compresslight: median {statistics.median(times):.2f} s over {len(times)} run(s) "
+        f"(min {min(times):.2f}, max {max(times):.2f})"
+        + ("" if reference is None else f"; plain SVD-VBMF + tensorly partial_tucker defaults: {reference:.2f} s")
+        + ".\n"
+    )
+    print(
+        f"1-min load average during the run: min {min(loads):.1f}, median {statistics.median(loads):.1f}, "
+        f"max {max(loads):.1f} ({os.cpu_count()} logical CPUs)."
+    )
 
 
 def decompose_resnet18(model: nn.Module, size: int) -> tuple[nn.Module, TuckerRecord, float]:
@@ -295,11 +315,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-warmup", type=int, default=3)
     parser.add_argument("--check-iters", type=int, default=20)
     parser.add_argument("--check-rounds", type=int, default=3, help="runtime-aware: side-by-side rounds per check")
-    parser.add_argument("--eval-batches", type=int, default=None,
-                        help="validation batches of 500 images (default: all; 0: skip)")
+    parser.add_argument(
+        "--eval-batches", type=int, default=None, help="validation batches of 500 images (default: all; 0: skip)"
+    )
     parser.add_argument("--decompose-threads", type=int, default=1, help="threads for the ResNet18 decomposition")
-    parser.add_argument("--no-reference", dest="reference", action="store_false",
-                        help="skip the plain reference decomposition of ResNet18")
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the plain reference decomposition of ResNet18",
+    )
     args = parser.parse_args(argv)
     if args.ckpt is None and not args.quick:
         parser.error("--ckpt is required (a trained ResNet20; VBMF on random weights finds rank ~1), or pass --quick")

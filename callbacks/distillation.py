@@ -42,19 +42,19 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
+from compresslight.callbacks.structural_edit import _EDIT_COUNT_ATTR, DivergenceGuard, find_example_inputs
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
-from compresslight.callbacks.structural_edit import _EDIT_COUNT_ATTR, DivergenceGuard, find_example_inputs
 from compresslight.checkpoint import load_compressed_checkpoint, read_checkpoint
 from compresslight.compression.distillation import freeze_teacher, soft_target_loss
-from compresslight.lightning_compat import Callback
 
 log = logging.getLogger(__name__)
 

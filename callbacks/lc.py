@@ -45,15 +45,16 @@ import fnmatch
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
+from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
-from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.lc import FlopsCost, LCState, LCStepReport, LowRankLC, RankCost, StorageCost
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import BACKENDS, STATISTICS, RuntimeModel

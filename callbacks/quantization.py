@@ -60,15 +60,16 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
+from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
-from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.quantization import (
     DEFAULT_QAT_AVERAGING_CONSTANT,
     MAX_BITS,
@@ -295,9 +296,13 @@ class QuantizationCallback(StructuralCompressionCallback):
             calibration = [images for images, _ in self._batches(trainer, "train", device, self.calibration_batches)]
             qat = _has_fake_quant(target)
             float_model = strip_fake_quant(target).eval() if qat else target
-            sim_model = target if qat else quantize_model_simulated(
-                target, calibration_batches=calibration, bits=bits, per_channel=self.per_channel
-            ).eval()
+            sim_model = (
+                target
+                if qat
+                else quantize_model_simulated(
+                    target, calibration_batches=calibration, bits=bits, per_channel=self.per_channel
+                ).eval()
+            )
             # A model returning a ModelOutput / tuple / dict is read, exported and timed by its logits.
             float_model, sim_model = LogitsOutput(float_model).eval(), LogitsOutput(sim_model).eval()
             models: dict[str, nn.Module] = {"float": float_model, f"sim{bits}": sim_model}
@@ -412,8 +417,6 @@ class QuantizationCallback(StructuralCompressionCallback):
 
 
 @torch.no_grad()
-
-
 def measure_cpu_latency(
     models: Mapping[str, nn.Module],
     input_shape: Sequence[int],
@@ -458,9 +461,9 @@ def _loader(trainer: pl.Trainer, split: str) -> Iterable[Any]:
             # `trainer.test` sets the datamodule up for testing only; calibration needs training data.
             datamodule.setup("fit")
         return getattr(datamodule, f"{split}_dataloader")()
-    loaders = {
-        "train": trainer.train_dataloader, "val": trainer.val_dataloaders, "test": trainer.test_dataloaders
-    }[split]
+    loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders, "test": trainer.test_dataloaders}[
+        split
+    ]
     if isinstance(loaders, Mapping):
         loaders = next(iter(loaders.values()), None)
     elif isinstance(loaders, (list, tuple)):

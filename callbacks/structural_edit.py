@@ -29,8 +29,9 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,7 +95,9 @@ class DivergenceGuard(Callback):
             self.check_finite_weights(trainer, pl_module, f"at the end of epoch {trainer.current_epoch}")
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if not self._is_first_guard(trainer):
             return
         # Parameters only: a module may keep legitimately infinite buffers (masks, observers' initial ranges).
@@ -332,7 +335,13 @@ class StructuralCompressionCallback(DivergenceGuard):
             handle.write(json.dumps(entry) + "\n")
         log.info(
             "%s (%s): params %d -> %d, MACs %d -> %d, %.2f s.",
-            type(self).__name__, record.kind, before["params"], after["params"], before["macs"], after["macs"], seconds,
+            type(self).__name__,
+            record.kind,
+            before["params"],
+            after["params"],
+            before["macs"],
+            after["macs"],
+            seconds,
         )
 
 

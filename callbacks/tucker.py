@@ -40,15 +40,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
+from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
-from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.tucker import (
     DEFAULT_HOOI_ITERS,
     RuntimeCheck,
@@ -404,7 +405,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             for setting in settings:
                 r = measured.get(setting)
                 cells.append(
-                    "-" if r is None else f"{r['original']['median_s'] * 1e3:.2f} -> "
+                    "-"
+                    if r is None
+                    else f"{r['original']['median_s'] * 1e3:.2f} -> "
                     f"{r['factorized']['median_s'] * 1e3:.2f} ({_speedup(r)})"
                 )
             if check["reverted"] is not None:

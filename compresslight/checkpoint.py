@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, Mapping, TypeVar
+from typing import IO, Any, TypeVar
 
 import torch
 from torch import nn
@@ -188,6 +189,8 @@ def load_pretrained_weights(model: M, path: str | Path) -> M:
     for note in notes:
         log.info("Weights from %s: %s.", path, note)
     return model
+
+
 def warn_unsafe_load(path: str | Path | IO) -> None:
     """Logs the opt-in to a full unpickling: it must never happen unnoticed."""
     log.warning(

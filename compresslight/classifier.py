@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -99,8 +100,10 @@ class ImageClassifier(pl.LightningModule):
         if len(input_shape) != 3:
             raise ValueError(f"`input_shape` must be (channels, height, width), got {input_shape!r}.")
         self.save_hyperparameters(ignore=["arch"] if isinstance(arch, nn.Module) else None)
-        self.model = arch if isinstance(arch, nn.Module) else create_model(
-            arch, num_classes=num_classes, in_channels=input_shape[0]
+        self.model = (
+            arch
+            if isinstance(arch, nn.Module)
+            else create_model(arch, num_classes=num_classes, in_channels=input_shape[0])
         )
         self.example_input_array = torch.zeros(1, *input_shape)
         self.compression_records: list[CompressionRecord] = []
@@ -143,7 +146,9 @@ class ImageClassifier(pl.LightningModule):
         # Update only; the collection computes once per epoch (per-step compute would sync and
         # cost time in the hot loop).
         metrics.update(logits.detach(), targets)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=stage != "train"
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
 
@@ -203,7 +208,6 @@ class ImageClassifier(pl.LightningModule):
             if explained is error:
                 raise
             raise explained from error
-
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -19,9 +19,10 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from netrc import netrc
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from typing_extensions import override
 
@@ -46,7 +47,9 @@ class CompressLightCLIMixin:
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # Checkpoints whole or absent: a disk full mid-save keeps the previous file (see atomic_io).
-        kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": "compresslight.atomic_io.AtomicCheckpointIO"}]})
+        kwargs.setdefault(
+            "trainer_defaults", {"plugins": [{"class_path": "compresslight.atomic_io.AtomicCheckpointIO"}]}
+        )
         super().__init__(*args, **kwargs)
 
     @override

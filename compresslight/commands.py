@@ -103,7 +103,8 @@ def profile_command(args: list[str]) -> None:
 
 def evaluate_top1(model: nn.Module, datamodule: Any, limit_batches: int | None = None) -> float:
     """Validation top-1 of `model` on the datamodule's validation loader (eval transform)."""
-    from compresslight.evaluation import evaluate_top1 as top1_of, validation_batches
+    from compresslight.evaluation import evaluate_top1 as top1_of
+    from compresslight.evaluation import validation_batches
 
     return top1_of({"model": model.eval()}, validation_batches(datamodule, limit_batches))["model"]
 

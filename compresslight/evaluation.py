@@ -3,8 +3,9 @@ and the one way to read logits from a model's output (`logits_of`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,7 +73,9 @@ def evaluate_top1(
     return {name: count / total for name, count in correct.items()}
 
 
-def validation_batches(datamodule: Any, limit_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def validation_batches(
+    datamodule: Any, limit_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The datamodule's validation batches as the model sees them (evaluation transform applied)."""
     datamodule.setup("validate")
     for batch in islice(datamodule.val_dataloader(), limit_batches):

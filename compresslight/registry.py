@@ -6,7 +6,8 @@ one-line docstring, so `list_models()` and an unknown-name error can say what ex
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from compresslight.datamodules.batch_transforms import batch_random_flip, normalize_batch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
-from compresslight.datamodules.batch_transforms import batch_random_flip, normalize_batch
 from compresslight.lightning_compat import LightningDataModule
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,7 @@ def split_count(name: str, split: int | float, total: int) -> int:
     if isinstance(split, float):
         return round(check_fraction(name, split) * total)
     if not 0 <= split < total:
-        raise ValueError(
-            f"`{name}` must be a count in [0, {total}) (there are {total} samples), got {split!r}."
-        )
+        raise ValueError(f"`{name}` must be a count in [0, {total}) (there are {total} samples), got {split!r}.")
     return split
 
 
@@ -86,10 +84,7 @@ class TensorBatchDataset(Dataset[Batch]):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if len(images) != len(labels):
-            raise ValueError(
-                f"`images` and `labels` must have the same length, got {len(images)} and "
-                f"{len(labels)}."
-            )
+            raise ValueError(f"`images` and `labels` must have the same length, got {len(images)} and {len(labels)}.")
         self.images = images
         self.labels = labels
 
@@ -120,9 +115,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         ValueError: if `num_samples` < 0 or `batch_size` < 1.
     """
 
-    def __init__(
-        self, num_samples: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0
-    ) -> None:
+    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0) -> None:
         self.num_samples = check_int("num_samples", num_samples, 0)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.shuffle = shuffle
@@ -230,9 +223,7 @@ class VisionDataModule(LightningDataModule):
             TypeError: if `images` is not uint8.
         """
         if images.dtype != torch.uint8:
-            raise TypeError(
-                f"`images` must be a raw uint8 batch from this datamodule, got {images.dtype}."
-            )
+            raise TypeError(f"`images` must be a raw uint8 batch from this datamodule, got {images.dtype}.")
         if train and self.augment:
             images = self.augment_batch(images)
         if self.mean is None or self.std is None:

@@ -16,9 +16,7 @@ import torch.nn.functional as F
 
 def _check_batch(images: torch.Tensor) -> None:
     if images.dim() != 4:
-        raise ValueError(
-            f"`images` must be a batch of shape (N, C, H, W), got shape {tuple(images.shape)}."
-        )
+        raise ValueError(f"`images` must be a batch of shape (N, C, H, W), got shape {tuple(images.shape)}.")
 
 
 def batch_random_crop(
@@ -53,9 +51,7 @@ def batch_random_crop(
         return images
     n, c, h, w = images.shape
     if offsets is None:
-        offsets = torch.randint(
-            0, 2 * padding + 1, (n, 2), device=images.device, generator=generator
-        )
+        offsets = torch.randint(0, 2 * padding + 1, (n, 2), device=images.device, generator=generator)
     else:
         if offsets.shape != (n, 2):
             raise ValueError(f"`offsets` must have shape ({n}, 2), got {tuple(offsets.shape)}.")
@@ -103,9 +99,7 @@ def batch_random_flip(
         raise ValueError(f"`probability` must be in [0, 1], got {probability!r}.")
     n = images.shape[0]
     if flip_mask is None:
-        flip_mask = (
-            torch.rand(n, device=images.device, generator=generator) < probability
-        )
+        flip_mask = torch.rand(n, device=images.device, generator=generator) < probability
     elif flip_mask.shape != (n,):
         raise ValueError(f"`flip_mask` must have shape ({n},), got {tuple(flip_mask.shape)}.")
     flip_mask = flip_mask.to(device=images.device, dtype=torch.bool)

@@ -24,12 +24,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from typing_extensions import override
-
 from compresslight.datamodules.base import VisionDataModule, check_int, split_count
 from compresslight.datamodules.batch_transforms import batch_random_crop, batch_random_flip
 from compresslight.datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from torch.utils.data import DataLoader
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +100,7 @@ def load_cifar10_batches(folder: str | Path, names: Sequence[str]) -> tuple[torc
         raise FileNotFoundError(f"CIFAR-10 not found: no folder {str(folder)!r}. {_HOW_TO_GET}")
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"CIFAR-10 not found: looked for {missing} in {str(folder)!r}. {_HOW_TO_GET}"
-        )
+        raise FileNotFoundError(f"CIFAR-10 not found: looked for {missing} in {str(folder)!r}. {_HOW_TO_GET}")
     images, labels = [], []
     for name in names:
         try:
@@ -123,16 +120,14 @@ def load_cifar10_batches(folder: str | Path, names: Sequence[str]) -> tuple[torc
             raise ValueError(f"{str(folder / name)!r} is not a CIFAR-10 batch (no data/labels).")
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(
-                f"{str(folder / name)!r}: data must be uint8 of shape (N, 3072), got {data.dtype} "
-                f"{data.shape}."
+                f"{str(folder / name)!r}: data must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}."
             )
         batch_labels = np.asarray(batch_labels, dtype=np.int64)
         if batch_labels.shape != (len(data),) or (
             len(batch_labels) and (batch_labels.min() < 0 or batch_labels.max() > 9)
         ):
             raise ValueError(
-                f"{str(folder / name)!r}: expected {len(data)} labels in [0, 9], got shape "
-                f"{batch_labels.shape}."
+                f"{str(folder / name)!r}: expected {len(data)} labels in [0, 9], got shape {batch_labels.shape}."
             )
         images.append(data)
         labels.append(batch_labels)
@@ -141,9 +136,7 @@ def load_cifar10_batches(folder: str | Path, names: Sequence[str]) -> tuple[torc
     return image_tensor, torch.from_numpy(np.concatenate(labels))
 
 
-def download_cifar10(
-    folder: str | Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, timeout: float = 10.0
-) -> Path:
+def download_cifar10(folder: str | Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, timeout: float = 10.0) -> Path:
     """Downloads, checks and extracts the CIFAR-10 python archive so that `folder` holds the batches.
 
     Does nothing when the batches are already there.
@@ -198,8 +191,7 @@ def download_cifar10(
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise RuntimeError(
-            f"The archive from {url!r} unpacked into {str(root)!r} but {str(folder)!r} lacks "
-            f"{missing}. {_HOW_TO_GET}"
+            f"The archive from {url!r} unpacked into {str(root)!r} but {str(folder)!r} lacks {missing}. {_HOW_TO_GET}"
         )
     return folder
 

@@ -22,11 +22,10 @@ from typing import Literal
 
 import numpy as np
 import torch
+from compresslight.datamodules.base import VisionDataModule, check_int
 from PIL import Image
 from torch.utils.data import Dataset
 from typing_extensions import override
-
-from compresslight.datamodules.base import VisionDataModule, check_int
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +61,7 @@ def find_classes(root: Path | str) -> list[str]:
         raise FileNotFoundError(f"No folder {str(root)!r}: expected class folders of images there.")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
-        raise FileNotFoundError(
-            f"No class folders in {str(root)!r}: expected {root}/<class name>/<image files>."
-        )
+        raise FileNotFoundError(f"No class folders in {str(root)!r}: expected {root}/<class name>/<image files>.")
     return classes
 
 
@@ -140,9 +137,7 @@ def scan_image_folder(root: Path | str, classes: Sequence[str] | None = None) ->
                     found += 1
         targets.extend([class_index] * found)
         if found == 0 and name in own_classes:
-            raise FileNotFoundError(
-                f"Class folder {str(class_dir)!r} holds no image (extensions {IMG_EXTENSIONS})."
-            )
+            raise FileNotFoundError(f"Class folder {str(class_dir)!r} holds no image (extensions {IMG_EXTENSIONS}).")
     return ImageFolderIndex(
         root=root,
         classes=list(classes),
@@ -198,9 +193,7 @@ def find_bad_images(index: ImageFolderIndex, check: FileCheck = "header", thread
         return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
 
 
-def stratified_split(
-    targets: np.ndarray, fractions: Sequence[float], seed: int
-) -> list[np.ndarray]:
+def stratified_split(targets: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Splits sample indices per class: each part takes its fraction of every class.
 
     The first part (training) takes the rest. A part with a fraction > 0 gets at least one sample of

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-from typing_extensions import override
-
 from compresslight.datamodules.base import check_int
 from compresslight.datamodules.image_folder import (
     FileCheck,
@@ -18,6 +16,7 @@ from compresslight.datamodules.image_folder import (
     RandomResizedCrop,
     ResizeCenterCrop,
 )
+from typing_extensions import override
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,14 +16,12 @@ from __future__ import annotations
 import logging
 
 import torch
-from typing_extensions import override
-
 from compresslight.datamodules.base import check_fraction, check_int
 from compresslight.datamodules.batch_transforms import batch_random_flip
 from compresslight.datamodules.image_folder import (
+    STAGE_SPLITS,
     FileCheck,
     ImageFolderDataModule,
-    STAGE_SPLITS,
     ImageFolderIndex,
     ImageTransform,
     SquareResize,
@@ -31,6 +29,7 @@ from compresslight.datamodules.image_folder import (
     scan_image_folder,
     stratified_split,
 )
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +167,8 @@ class SteelpatchDataModule(ImageFolderDataModule):
             if self.classes is None:
                 self.classes = self._find_classes()
             pool = scan_image_folder(self.data_dir, self.classes)
-            train, val, test = stratified_split(
-                pool.targets, (self.val_fraction, self.test_fraction), self.seed
-            )
-            self._indexes.update(
-                pool=pool, train=pool.subset(train), val=pool.subset(val), test=pool.subset(test)
-            )
+            train, val, test = stratified_split(pool.targets, (self.val_fraction, self.test_fraction), self.seed)
+            self._indexes.update(pool=pool, train=pool.subset(train), val=pool.subset(val), test=pool.subset(test))
             # An empty evaluation split borrows the other one (both empty is refused in __init__).
             if not len(self._indexes["val"]):
                 self._indexes["val"] = self._indexes["test"]
@@ -181,6 +176,10 @@ class SteelpatchDataModule(ImageFolderDataModule):
                 self._indexes["test"] = self._indexes["val"]
             log.info(
                 "Steelpatch split of %s (seed %d): %d train, %d val, %d test.",
-                self.data_dir, self.seed, len(train), len(val), len(test),
+                self.data_dir,
+                self.seed,
+                len(train),
+                len(val),
+                len(test),
             )
         return {split: self._indexes[split] for split in STAGE_SPLITS.get(stage, STAGE_SPLITS[None])}

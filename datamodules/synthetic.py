@@ -7,12 +7,10 @@ are independent of the inputs (chance accuracy, for pure speed measurements).
 
 from __future__ import annotations
 
-
 import torch
+from compresslight.datamodules.base import VisionDataModule, check_int
 from torch.utils.data import DataLoader
 from typing_extensions import override
-
-from compresslight.datamodules.base import VisionDataModule, check_int
 
 
 class SyntheticDataModule(VisionDataModule):

@@ -26,8 +26,13 @@ def tiny_loaders(num_classes: int = 4, samples: int = 32, batch_size: int = 8) -
 
 def tiny_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     options = dict(
-        max_epochs=2, limit_train_batches=4, limit_val_batches=2, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     options.update(kwargs)
     return pl.Trainer(**options)

@@ -20,4 +20,8 @@ class SplitLinearRecord(CompressionRecord):
         parent_name, _, child = self.layer.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        setattr(parent, child, nn.Sequential(nn.Linear(old.in_features, self.width), nn.Linear(self.width, old.out_features)))
+        setattr(
+            parent,
+            child,
+            nn.Sequential(nn.Linear(old.in_features, self.width), nn.Linear(self.width, old.out_features)),
+        )

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from record_kinds import SplitLinearRecord
 
 from compresslight.checkpoint import load_compressed_checkpoint
 from compresslight.classifier import ImageClassifier
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
-from record_kinds import SplitLinearRecord
 
 TESTS_DIR = Path(__file__).parent
 

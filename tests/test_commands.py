@@ -22,10 +22,19 @@ def fitted(tmp_path_factory) -> tuple[Path, Path, Path]:
             "limit_val_batches": 1,
             "enable_progress_bar": False,
             "enable_model_summary": False,
-            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "run"}},
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.CSVLogger",
+                "init_args": {"save_dir": str(root), "name": "run"},
+            },
             "callbacks": [
-                {"class_path": "compresslight.callbacks.pruning.PruningCallback", "init_args": {"amount": 0.25, "epochs": [1]}},
-                {"class_path": "compresslight.callbacks.profile.ProfileCallback", "init_args": {"warmup": 0, "iters": 2}},
+                {
+                    "class_path": "compresslight.callbacks.pruning.PruningCallback",
+                    "init_args": {"amount": 0.25, "epochs": [1]},
+                },
+                {
+                    "class_path": "compresslight.callbacks.profile.ProfileCallback",
+                    "init_args": {"warmup": 0, "iters": 2},
+                },
             ],
         },
         "model": {"arch": "resnet20"},
@@ -53,9 +62,30 @@ def test_fit_leaves_profile_reports_and_a_pruned_checkpoint(fitted):
 def test_profile_command_compares_a_checkpoint_with_its_baseline(fitted, tmp_path, capsys):
     config_path, _, checkpoint = fitted
     main(
-        ["profile", "--config", str(config_path), "--ckpt_path", str(checkpoint), "--baseline", "init",
-         "--batch_sizes", "1", "2", "--threads", "1", "--warmup", "0", "--iters", "2", "--min_rounds", "3",
-         "--max_rounds", "3", "--output_dir", str(tmp_path)]
+        [
+            "profile",
+            "--config",
+            str(config_path),
+            "--ckpt_path",
+            str(checkpoint),
+            "--baseline",
+            "init",
+            "--batch_sizes",
+            "1",
+            "2",
+            "--threads",
+            "1",
+            "--warmup",
+            "0",
+            "--iters",
+            "2",
+            "--min_rounds",
+            "3",
+            "--max_rounds",
+            "3",
+            "--output_dir",
+            str(tmp_path),
+        ]
     )
     printed = capsys.readouterr().out
     # The console gets the speedup rows; the full tables are in profile.md.
@@ -80,8 +110,23 @@ def test_profile_command_rejects_bad_rounds(fitted, capsys):
 def test_sensitivity_command_prunes_each_layer_alone(fitted, tmp_path):
     config_path, _, checkpoint = fitted
     main(
-        ["sensitivity", "--config", str(config_path), "--ckpt_path", str(checkpoint), "--layers", "layer1.0.conv1",
-         "layer3.*.conv1", "--ratios", "0.25", "0.5", "--limit_batches", "1", "--output_dir", str(tmp_path)]
+        [
+            "sensitivity",
+            "--config",
+            str(config_path),
+            "--ckpt_path",
+            str(checkpoint),
+            "--layers",
+            "layer1.0.conv1",
+            "layer3.*.conv1",
+            "--ratios",
+            "0.25",
+            "0.5",
+            "--limit_batches",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ]
     )
     report = json.loads((tmp_path / "sensitivity.json").read_text())
     assert {(row["layer"], row["ratio"]) for row in report["rows"]} == {
@@ -96,7 +141,9 @@ def test_runtime_model_command_writes_a_loadable_model(fitted, tmp_path):
 
     config_path, _, _ = fitted
     output = tmp_path / "rm.json"
-    main(["runtime-model", "--config", str(config_path), "--output", str(output), "--threads", "1", "--grid_points", "2"])
+    main(
+        ["runtime-model", "--config", str(config_path), "--output", str(output), "--threads", "1", "--grid_points", "2"]
+    )
     runtime_model = RuntimeModel.load(output)
     assert runtime_model.predict({}) > 0
 

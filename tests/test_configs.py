@@ -14,12 +14,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from compresslight.callbacks.pruning import PruningCallback
+from compresslight.datamodules import ImageFolderDataModule, SyntheticDataModule
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from compresslight.callbacks.pruning import PruningCallback
 from compresslight.cli import build_from_config
-from compresslight.datamodules import ImageFolderDataModule, SyntheticDataModule
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -125,11 +125,24 @@ def conv_widths(module: nn.Module) -> dict[str, int]:
 def prune_in_setup(model: pl.LightningModule, callback: Callback, tmp_path: Path) -> None:
     """Runs the config's one-shot pruning callback as `fit` does (in `setup`), with no training."""
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=0, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback],
+        max_epochs=1,
+        limit_train_batches=0,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
     )
-    data = SyntheticDataModule(num_classes=model.hparams.num_classes, input_shape=tuple(model.hparams.input_shape),
-                               num_samples=2, num_val_samples=2, num_test_samples=2, batch_size=2)
+    data = SyntheticDataModule(
+        num_classes=model.hparams.num_classes,
+        input_shape=tuple(model.hparams.input_shape),
+        num_samples=2,
+        num_val_samples=2,
+        num_test_samples=2,
+        batch_size=2,
+    )
     trainer.fit(model, datamodule=data)
 
 

@@ -15,10 +15,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from jsonargparse import ArgumentParser
-from PIL import Image
-from torch import nn
-
 from compresslight.datamodules import (
     CIFAR10DataModule,
     ImageNetDataModule,
@@ -34,6 +30,9 @@ from compresslight.datamodules import (
 )
 from compresslight.datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD
 from compresslight.datamodules.image_folder import RandomResizedCrop, scan_image_folder
+from jsonargparse import ArgumentParser
+from PIL import Image
+from torch import nn
 
 REAL_CIFAR10 = Path("/work/shared/data/cifar10")
 LABEL_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
@@ -73,9 +72,7 @@ def cifar_root(tmp_path: Path) -> Path:
     return tmp_path / "cifar10"
 
 
-def write_image_folder(
-    root: Path, counts: dict[str, int], *, mode: str = "RGB", seed: int = 0
-) -> None:
+def write_image_folder(root: Path, counts: dict[str, int], *, mode: str = "RGB", seed: int = 0) -> None:
     """Class folders of small PNG/JPEG images of varying sizes."""
     rng = np.random.default_rng(seed)
     for class_name, count in counts.items():
@@ -244,9 +241,7 @@ def test_cifar_train_transform_is_padded_crop_then_flip_then_normalize(cifar_roo
             for flip in (False, True)
             if torch.allclose(
                 dm.transform_batch(
-                    manual_crop(image, 4, row, col).flip(-1)[None]
-                    if flip
-                    else manual_crop(image, 4, row, col)[None],
+                    manual_crop(image, 4, row, col).flip(-1)[None] if flip else manual_crop(image, 4, row, col)[None],
                     train=False,
                 )[0],
                 result,
@@ -448,9 +443,7 @@ def test_empty_class_folder_raises(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_steelpatch_channels(steel_root: Path, channels: int) -> None:
-    dm = SteelpatchDataModule(
-        data_dir=str(steel_root), image_size=24, channels=channels, batch_size=8, num_workers=0
-    )
+    dm = SteelpatchDataModule(data_dir=str(steel_root), image_size=24, channels=channels, batch_size=8, num_workers=0)
     assert dm.num_classes == 4 and dm.input_shape == (channels, 24, 24)
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
@@ -474,9 +467,7 @@ def test_steelpatch_stratified_split(steel_root: Path) -> None:
     again = SteelpatchDataModule(data_dir=str(steel_root), val_fraction=0.2, test_fraction=0.2, num_workers=0)
     again.setup("test")
     assert again.test_dataset.index.paths.tolist() == splits["test"].paths.tolist()
-    other = SteelpatchDataModule(
-        data_dir=str(steel_root), val_fraction=0.2, test_fraction=0.2, num_workers=0, seed=1
-    )
+    other = SteelpatchDataModule(data_dir=str(steel_root), val_fraction=0.2, test_fraction=0.2, num_workers=0, seed=1)
     other.setup("test")
     assert other.test_dataset.index.paths.tolist() != splits["test"].paths.tolist()
 
@@ -507,9 +498,7 @@ def test_steelpatch_augmentation_flips_both_ways(steel_root: Path) -> None:
     augmented = dm.augment_batch(images)
     seen = set()
     for image, out in zip(images, augmented):
-        candidates = {
-            "none": image, "h": image.flip(-1), "v": image.flip(-2), "hv": image.flip(-1).flip(-2)
-        }
+        candidates = {"none": image, "h": image.flip(-1), "v": image.flip(-2), "hv": image.flip(-1).flip(-2)}
         kinds = [kind for kind, candidate in candidates.items() if torch.equal(out, candidate)]
         assert len(kinds) == 1
         seen.add(kinds[0])
@@ -570,13 +559,19 @@ def test_synthetic_learnable_labels(learnable: bool, above_chance: bool) -> None
         (lambda d: ImageNetDataModule(d, num_classes=10, image_size=0), "`image_size` must be an int >= 1"),
         (lambda d: ImageNetDataModule(d, num_classes=10, min_scale=0.0), r"`min_scale` must be in \(0, 1\]"),
         (lambda d: ImageNetDataModule(d, num_classes=0), "`num_classes` must be an int >= 1"),
-        (lambda d: ImageNetDataModule(d, num_classes=10, image_size=224, eval_resize_size=200),
-         "`eval_resize_size` must be an int >= 224"),
+        (
+            lambda d: ImageNetDataModule(d, num_classes=10, image_size=224, eval_resize_size=200),
+            "`eval_resize_size` must be an int >= 224",
+        ),
         (lambda d: SteelpatchDataModule(d, num_classes=6, channels=2), "`channels` must be 1 or 3, got 2"),
-        (lambda d: SteelpatchDataModule(d, num_classes=6, val_fraction=1.0),
-         r"`val_fraction` must be a fraction in \[0, 1\)"),
-        (lambda d: SteelpatchDataModule(d, num_classes=6, val_fraction=0.6, test_fraction=0.4),
-         "`val_fraction` \\+ `test_fraction` must be < 1"),
+        (
+            lambda d: SteelpatchDataModule(d, num_classes=6, val_fraction=1.0),
+            r"`val_fraction` must be a fraction in \[0, 1\)",
+        ),
+        (
+            lambda d: SteelpatchDataModule(d, num_classes=6, val_fraction=0.6, test_fraction=0.4),
+            "`val_fraction` \\+ `test_fraction` must be < 1",
+        ),
         (lambda d: SteelpatchDataModule(d, num_classes=6, val_fraction=0.0, test_fraction=0.0), "both 0"),
         (lambda d: SteelpatchDataModule(d, num_classes=6, std=0.0), "`std` must be > 0"),
         (lambda d: SyntheticDataModule(input_shape=(3, 32)), r"`input_shape` must be three positive ints"),

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import INPUT_SHAPE, run_ddp_script
 from torch import nn
 
 from compresslight.classifier import ImageClassifier
-from helpers import INPUT_SHAPE, run_ddp_script
 
 TESTS_DIR = Path(__file__).parent
 

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from compresslight.callbacks.distillation import DistillationCallback
+from compresslight.callbacks.pruning import PruningCallback
+from helpers import classifier, run_ddp_script, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.nn import functional as F
 
-from compresslight.callbacks.distillation import DistillationCallback
-from compresslight.callbacks.pruning import PruningCallback
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.distillation import distillation_loss
-from helpers import classifier, run_ddp_script, tiny_loaders, tiny_trainer
 
 TESTS_DIR = Path(__file__).parent
 
@@ -143,7 +143,9 @@ def test_self_teacher_without_init_from_is_copied_before_compression(tmp_path):
 
 def test_missing_teacher_is_an_error_when_fitting_starts(tmp_path):
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[DistillationCallback()])
-    with pytest.raises(ValueError, match=r"DistillationCallback needs `teacher_ckpt`: a checkpoint path or 'self', got None"):
+    with pytest.raises(
+        ValueError, match=r"DistillationCallback needs `teacher_ckpt`: a checkpoint path or 'self', got None"
+    ):
         trainer.fit(classifier(), *tiny_loaders())
 
 
@@ -158,7 +160,10 @@ def test_self_teacher_after_a_compression_callback_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(teacher_ckpt="missing.ckpt"), r"`teacher_ckpt` must be an existing checkpoint file or 'self', got 'missing.ckpt' \(no such file\)"),
+        (
+            dict(teacher_ckpt="missing.ckpt"),
+            r"`teacher_ckpt` must be an existing checkpoint file or 'self', got 'missing.ckpt' \(no such file\)",
+        ),
         (dict(teacher_ckpt="self", alpha=1.5), r"`alpha` must be in \[0, 1\], got 1.5"),
         (dict(teacher_ckpt="self", temperature=0.0), "`temperature` must be > 0, got 0.0"),
     ],

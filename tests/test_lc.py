@@ -192,7 +192,13 @@ def test_c_step_updates_state_multipliers_and_mu() -> None:
         torch.testing.assert_close(state.multipliers[name], old_multipliers[name] - 1e-2 * (weight - single.theta))
         expected_cost += single.cost
     assert report.cost == pytest.approx(expected_cost)
-    distance = sum(float((layer.weight.detach() - state.thetas[name]).pow(2).sum()) for name, layer in compressible_layers(model).items()) ** 0.5
+    distance = (
+        sum(
+            float((layer.weight.detach() - state.thetas[name]).pow(2).sum())
+            for name, layer in compressible_layers(model).items()
+        )
+        ** 0.5
+    )
     assert report.distance == pytest.approx(distance)
     assert state.history == [report.to_dict()]
 

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from compresslight.callbacks.lc import LCCallback
+from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
-from compresslight.callbacks.lc import LCCallback
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.lc import FlopsCost, LowRankLC, c_step_layer, choose_rank, squared_singular_values
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import RuntimeModel
 from compresslight.registry import create_model
-from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
 
 TESTS_DIR = Path(__file__).parent
 
@@ -117,9 +117,7 @@ def test_resume_mid_algorithm_and_reload_the_factorized_checkpoint(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     train, val = tiny_loaders()
     lc = LCCallback(steps=3, **FLOPS_LC)
-    trainer = tiny_trainer(
-        tmp_path, max_epochs=5, callbacks=[lc, ModelCheckpoint(dirpath=checkpoints, save_top_k=-1)]
-    )
+    trainer = tiny_trainer(tmp_path, max_epochs=5, callbacks=[lc, ModelCheckpoint(dirpath=checkpoints, save_top_k=-1)])
     model = classifier()
     trainer.fit(model, train, val)
     assert [entry["epoch"] for entry in lc.history] == [1, 2, 3]

@@ -13,12 +13,6 @@ from types import ModuleType
 import pytest
 import torch
 import yaml
-from lightning_utilities.core.overrides import is_overridden
-from torch import nn
-from torch.nn import functional as F
-
-from compresslight import ImageClassifier, compare, create_model, lightning_compat, load_compressed_checkpoint, profile
-from compresslight.atomic_io import AtomicCheckpointIO
 from compresslight.callbacks import (
     DistillationCallback,
     LCCallback,
@@ -27,9 +21,15 @@ from compresslight.callbacks import (
     QuantizationCallback,
     TuckerVBMFCallback,
 )
-from compresslight.cli import build_from_config, cli_class, config_namespace
 from compresslight.datamodules import CIFAR10DataModule, SyntheticDataModule
 from helpers import INPUT_SHAPE, classifier, tiny_loaders
+from lightning_utilities.core.overrides import is_overridden
+from torch import nn
+from torch.nn import functional as F
+
+from compresslight import ImageClassifier, compare, create_model, lightning_compat, load_compressed_checkpoint, profile
+from compresslight.atomic_io import AtomicCheckpointIO
+from compresslight.cli import build_from_config, cli_class, config_namespace
 
 CALLBACKS = (
     DistillationCallback,

@@ -137,7 +137,9 @@ def test_record_replay_and_load_state_dict_give_identical_outputs() -> None:
     model = TinyNet().eval()
     record = factorize_model(model, {"features.0": 5, "features.2": 4, "head": 3})
     assert isinstance(model.features[0], nn.Sequential)
-    assert {"features.0.v.weight", "features.0.u.weight", "features.0.u.bias", "head.v.weight"} <= set(model.state_dict())
+    assert {"features.0.v.weight", "features.0.u.weight", "features.0.u.bias", "head.v.weight"} <= set(
+        model.state_dict()
+    )
 
     data = record.to_dict()
     assert data["kind"] == "lowrank"

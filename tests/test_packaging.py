@@ -5,10 +5,10 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from compresslight.callbacks import QuantizationCallback
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from compresslight.callbacks import QuantizationCallback
 from compresslight.commands import sweep_command
 from compresslight.optional import EXTRAS, require_extra
 

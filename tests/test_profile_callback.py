@@ -7,12 +7,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from compresslight.callbacks.profile import ProfileCallback
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compresslight.callbacks.profile import ProfileCallback
 from compresslight.profiling import read_report
 
 INPUT_SHAPE = (3, 8, 8)

@@ -20,12 +20,12 @@ from compresslight.profiling import (
     SideBySideReport,
     SpeedupReport,
     compare,
+    counting,
     num_threads,
     profile,
     profile_and_report,
     read_report,
 )
-from compresslight.profiling import counting
 
 INPUT_SHAPE = (3, 8, 8)
 FAST = dict(warmup=1, iters=3)
@@ -201,8 +201,12 @@ def make_profile(
     )  # fmt: skip
     latency = [
         LatencyEntry(
-            backend="torch", mode=mode, batch_size=batch_size, stats=LatencyStats(seconds, seconds, seconds, 3),
-            warmup=1, images_per_s=batch_size / seconds,
+            backend="torch",
+            mode=mode,
+            batch_size=batch_size,
+            stats=LatencyStats(seconds, seconds, seconds, 3),
+            warmup=1,
+            images_per_s=batch_size / seconds,
         )  # fmt: skip
         for (mode, batch_size), seconds in latencies.items()
     ]

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from compresslight.callbacks.pruning import PruningCallback
+from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.nn import functional as F
 
-from compresslight.callbacks.pruning import PruningCallback
 from compresslight.checkpoint import load_compressed_checkpoint
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.pruning import sparsity
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
 
 TESTS_DIR = Path(__file__).parent
 
@@ -116,6 +116,7 @@ def test_iterative_schedule_with_cumulative_targets(tmp_path):
 
 def test_resume_in_a_new_process_replays_and_continues_the_schedule(tmp_path):
     model = classifier()
+
     class StopAfterEpoch1(Callback):  # the run is interrupted mid-schedule
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             trainer.should_stop = trainer.current_epoch == 1
@@ -167,8 +168,14 @@ class UserModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.backbone = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(32, 4)
         self.example_input_array = torch.zeros(1, *INPUT_SHAPE)
@@ -206,7 +213,9 @@ def test_foreign_module_prune_resume_and_load_outside_a_trainer(tmp_path):
 
     # Resume with the callback present: it replays its record in `setup`, before the weights load.
     resumed = UserModule()
-    trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[PruningCallback(amount=0.5, epochs=[1], module_path="backbone")])
+    trainer = tiny_trainer(
+        tmp_path, max_epochs=3, callbacks=[PruningCallback(amount=0.5, epochs=[1], module_path="backbone")]
+    )
     trainer.fit(resumed, *tiny_loaders(), ckpt_path=path)
     assert resumed.backbone[0].out_channels == 8
 

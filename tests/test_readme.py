@@ -17,7 +17,9 @@ def python_blocks() -> list[str]:
 
 def test_readme_has_the_two_setup_commands():
     text = README.read_text()
-    assert 'pip install -e ".[all,test]" -c constraints.txt && python cli.py fit --config configs/quickstart.yaml' in text
+    assert (
+        'pip install -e ".[all,test]" -c constraints.txt && python cli.py fit --config configs/quickstart.yaml' in text
+    )
     assert "OMP_NUM_THREADS=1 python -m pytest" in text
     assert (README.parent / "configs" / "quickstart.yaml").is_file()
 
@@ -28,7 +30,11 @@ def test_readme_python_snippet_runs(tmp_path, index):
     script = tmp_path / "snippet.py"
     script.write_text(python_blocks()[index])
     result = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -107,7 +107,10 @@ def test_rank_grid_and_layers_arguments() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"rank_grid": {"2": [1, 25]}}, r"`rank_grid\['2'\]` must hold ranks within \[1, 24\] \(the layer's dimensions\), got \[1, 25\]"),
+        (
+            {"rank_grid": {"2": [1, 25]}},
+            r"`rank_grid\['2'\]` must hold ranks within \[1, 24\] \(the layer's dimensions\), got \[1, 25\]",
+        ),
         ({"rank_grid": {"2": [0, 3]}}, r"`rank_grid\['2'\]` must hold ranks within \[1, 24\]"),
         ({"rank_grid": {"4": [1, 2]}}, "`rank_grid` names '4', which is not a modelled layer"),
         ({"layers": ["4"]}, r"`layers` must name compressible layers of the model \['0', '2', '7'\], got \['4'\]"),
@@ -158,7 +161,9 @@ def test_check_compatible_refuses_another_architecture(runtime_model: RuntimeMod
         runtime_model.check_compatible(_wider_middle())
     with pytest.raises(ValueError, match=r"another architecture: layers \['7'\] are missing"):
         runtime_model.check_compatible(tiny_net()[:6])
-    with pytest.raises(ValueError, match=r"other input shapes: layer '0' had inputs \[3, 8, 8\] per sample, got \[3, 16, 16\]"):
+    with pytest.raises(
+        ValueError, match=r"other input shapes: layer '0' had inputs \[3, 8, 8\] per sample, got \[3, 16, 16\]"
+    ):
         runtime_model.check_compatible(tiny_net(), example_inputs=torch.randn(1, 3, 16, 16))
 
 
@@ -173,7 +178,9 @@ def _wider_middle() -> nn.Sequential:
 def test_check_compatible_refuses_another_device_or_setting(runtime_model: RuntimeModel) -> None:
     other = RuntimeModel.from_dict(runtime_model.to_dict())
     other.environment = dataclasses.replace(other.environment, device_name="ARM Cortex-A57")
-    with pytest.raises(ValueError, match=r"measured on device 'cpu' \(ARM Cortex-A57\), not on 'cpu' \(.+\); build one on this device"):
+    with pytest.raises(
+        ValueError, match=r"measured on device 'cpu' \(ARM Cortex-A57\), not on 'cpu' \(.+\); build one on this device"
+    ):
         other.check_compatible(tiny_net(), device="cpu")
     with pytest.raises(ValueError, match="measured with threads=1, not threads=2"):
         runtime_model.check_compatible(tiny_net(), threads=2)
@@ -193,7 +200,9 @@ def test_evaluate_measures_random_configurations(runtime_model: RuntimeModel) ->
     assert result.predicted_s[0] == pytest.approx(runtime_model.predict_network(result.configurations[0]))
     assert all(t > 0 for t in result.measured_s) and result.dense_measured_s > 0
     assert result.dense_built_s == runtime_model.network_dense_s
-    assert result.mean_absolute_error_s == pytest.approx(np.mean(np.abs(np.subtract(result.predicted_s, result.measured_s))))
+    assert result.mean_absolute_error_s == pytest.approx(
+        np.mean(np.abs(np.subtract(result.predicted_s, result.measured_s)))
+    )
     assert set(result.to_dict()) >= {"mean_absolute_error_s", "mean_relative_error", "configurations"}
     # Side by side with the dense network: paired speedups with intervals, compared with the predicted ones.
     assert len(result.measured_speedup) == 3
@@ -219,6 +228,8 @@ def test_evaluate_measures_random_configurations(runtime_model: RuntimeModel) ->
 @pytest.mark.slow
 def test_onnxruntime_backend() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
-    built = RuntimeModel.build(model, torch.randn(1, 3, 8, 8), backend="onnxruntime", grid_points=2, warmup=1, iters=3, threads=1)
+    built = RuntimeModel.build(
+        model, torch.randn(1, 3, 8, 8), backend="onnxruntime", grid_points=2, warmup=1, iters=3, threads=1
+    )
     assert built.environment.backend == "onnxruntime" and built.environment.onnxruntime_version
     assert built.layers["0"].ranks == [1, 9] and built.layers["0"].dense_s > 0

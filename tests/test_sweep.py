@@ -52,7 +52,13 @@ def tiny_fit_config(tmp_path: Path, **trainer: Any) -> Path:
         "model": {"arch": "resnet20", "lr": 0.05},
         "data": {
             "class_path": "compresslight.datamodules.SyntheticDataModule",
-            "init_args": {"num_classes": 4, "input_shape": [3, 8, 8], "num_samples": 32, "num_val_samples": 16, "batch_size": 16},
+            "init_args": {
+                "num_classes": 4,
+                "input_shape": [3, 8, 8],
+                "num_samples": 32,
+                "num_val_samples": 16,
+                "batch_size": 16,
+            },
         },
         "trainer": {
             "max_epochs": 1,
@@ -112,11 +118,21 @@ def write_sweep(tmp_path: Path, sweep: dict[str, Any]) -> Path:
     "path, segments",
     [
         ("model.lr", [Key("model"), Key("lr")]),
-        ("trainer.callbacks[1].init_args.norm", [Key("trainer"), Key("callbacks"), Index(1), Key("init_args"), Key("norm")]),
+        (
+            "trainer.callbacks[1].init_args.norm",
+            [Key("trainer"), Key("callbacks"), Index(1), Key("init_args"), Key("norm")],
+        ),
         ("trainer.callbacks[-1]", [Key("trainer"), Key("callbacks"), Index(-1)]),
         (
             RATIO_PATH,
-            [Key("trainer"), Key("callbacks"), Selector("PruningCallback"), Key("init_args"), Key("ratios"), Key("layer1.*.conv1")],
+            [
+                Key("trainer"),
+                Key("callbacks"),
+                Selector("PruningCallback"),
+                Key("init_args"),
+                Key("ratios"),
+                Key("layer1.*.conv1"),
+            ],
         ),
         ("a['x.y'][compresslight.X].b", [Key("a"), Key("x.y"), Selector("compresslight.X"), Key("b")]),
     ],
@@ -132,7 +148,7 @@ def test_parse_path(path: str, segments: list) -> None:
         (".model", "must not start with a dot"),
         ("model..lr", "expected a name"),
         ("model.", "expected a name"),
-        ("ratios[\"layer1", "no closing"),
+        ('ratios["layer1', "no closing"),
         ("callbacks[0", "not closed"),
         ("callbacks[]", "empty brackets"),
         ("callbacks[0]x", "expected '.' or '\\['"),
@@ -147,8 +163,14 @@ CONFIG = {
     "model": {"lr": 0.1, "arch": "resnet20"},
     "trainer": {
         "callbacks": [
-            {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "epoch"}},
-            {"class_path": "compresslight.callbacks.pruning.PruningCallback", "init_args": {"ratios": {"layer1.*.conv1": 0.7}, "norm": 1}},
+            {
+                "class_path": "pytorch_lightning.callbacks.LearningRateMonitor",
+                "init_args": {"logging_interval": "epoch"},
+            },
+            {
+                "class_path": "compresslight.callbacks.pruning.PruningCallback",
+                "init_args": {"ratios": {"layer1.*.conv1": 0.7}, "norm": 1},
+            },
         ]
     },
 }
@@ -188,8 +210,14 @@ def test_leaf_paths_name_callbacks_by_class() -> None:
     "path, message",
     [
         ("model.lrr", r"model has no key 'lrr'.*Close matches: model\.lr"),
-        ('trainer.callbacks[PruningCallback].init_args.ratios["layer3.*.conv1"]', r"no key 'layer3.\*.conv1'.*Close matches: .*ratios\[\"layer1"),
-        ("trainer.callbacks[EarlyStopping].init_args.patience", r"no item of trainer.callbacks has class 'EarlyStopping'"),
+        (
+            'trainer.callbacks[PruningCallback].init_args.ratios["layer3.*.conv1"]',
+            r"no key 'layer3.\*.conv1'.*Close matches: .*ratios\[\"layer1",
+        ),
+        (
+            "trainer.callbacks[EarlyStopping].init_args.patience",
+            r"no item of trainer.callbacks has class 'EarlyStopping'",
+        ),
         ("trainer.callbacks[5].init_args.norm", "has 2 items, index 5 is out of range"),
         ("trainer.callbacks.norm", r"is a list: select an item with \[index\] or \[ClassName\]"),
         ("model[0]", "is a mapping, not a list"),
@@ -208,7 +236,11 @@ def test_keys_in_one_bracket_are_one_value() -> None:
     tied = 'ratios["layer2.[1-4].conv1","layer2.[67].conv1"]'
     assert parse_path(tied)[-1] == Keys(("layer2.[1-4].conv1", "layer2.[67].conv1"))
     assert get_at_path(config, tied) == 0.6
-    assert set_at_path(config, tied, 0.3)["ratios"] == {"layer2.[1-4].conv1": 0.3, "layer2.[67].conv1": 0.3, "layer3.1.conv1": 0.2}
+    assert set_at_path(config, tied, 0.3)["ratios"] == {
+        "layer2.[1-4].conv1": 0.3,
+        "layer2.[67].conv1": 0.3,
+        "layer3.1.conv1": 0.2,
+    }
     with pytest.raises(ValueError, match=r"ties keys that hold different values"):
         get_at_path(config, 'ratios["layer2.[67].conv1", "layer3.1.conv1"]')
     with pytest.raises(ValueError, match=r"several keys in one bracket are allowed in the last segment only"):
@@ -241,7 +273,15 @@ def test_resolve_fit_config_reports_parser_errors(tmp_path: Path) -> None:
 
 def test_split_path_overrides_reads_values_as_yaml() -> None:
     rest, overrides = split_path_overrides(
-        ["fit", "--config", "x.yaml", f"--{RATIO_PATH}=0.25", "--model.lr=0.1", "--trainer.callbacks[0].init_args.targets", "[0.5, 1.0]"]
+        [
+            "fit",
+            "--config",
+            "x.yaml",
+            f"--{RATIO_PATH}=0.25",
+            "--model.lr=0.1",
+            "--trainer.callbacks[0].init_args.targets",
+            "[0.5, 1.0]",
+        ]
     )
     assert rest == ["fit", "--config", "x.yaml", "--model.lr=0.1"]
     assert overrides == {RATIO_PATH: 0.25, "trainer.callbacks[0].init_args.targets": [0.5, 1.0]}
@@ -265,7 +305,11 @@ def wandb_command(command: list[str], values: dict[str, Any]) -> list[str]:
 def test_wandb_style_arguments_set_a_group_sparsity_inside_a_callback(tmp_path: Path) -> None:
     base = tiny_fit_config(tmp_path)
     command = ["${env}", "${interpreter}", "${program}", "fit", "--config", str(base), "${args}"]
-    values = {RATIO_PATH: 0.3, 'trainer.callbacks[PruningCallback].init_args.ratios["layer2.*.conv1"]': 0.1, "model.lr": 0.02}
+    values = {
+        RATIO_PATH: 0.3,
+        'trainer.callbacks[PruningCallback].init_args.ratios["layer2.*.conv1"]': 0.1,
+        "model.lr": 0.02,
+    }
     argv = wandb_command(command, values)
     assert argv[:3] == ["/usr/bin/env", "python", "cli.py"]
     assert f"--{RATIO_PATH}=0.3" in argv
@@ -283,7 +327,9 @@ def test_expand_path_overrides_leaves_plain_arguments_alone_and_rejects_typos(tm
     assert expand_path_overrides(plain) == plain
     base = str(tiny_fit_config(tmp_path))
     with pytest.raises(ValueError, match=r"no key 'layer9.\*.conv1'.*Close matches"):
-        expand_path_overrides(["fit", "--config", base, '--trainer.callbacks[PruningCallback].init_args.ratios["layer9.*.conv1"]=0.5'])
+        expand_path_overrides(
+            ["fit", "--config", base, '--trainer.callbacks[PruningCallback].init_args.ratios["layer9.*.conv1"]=0.5']
+        )
 
 
 def test_cli_fit_accepts_config_path_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -315,16 +361,34 @@ def test_sweep_spec_reads_a_valid_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "search_space, message",
     [
-        ({"model.lrr": {"type": "float", "low": 0.01, "high": 0.1}}, r"search_space\['model.lrr'\].*not a key of the base config.*Close matches: model\.lr"),
         (
-            {'trainer.callbacks[PruningCallback].init_args.ratios["layer3.*.conv1"]': {"type": "float", "low": 0, "high": 0.9}},
+            {"model.lrr": {"type": "float", "low": 0.01, "high": 0.1}},
+            r"search_space\['model.lrr'\].*not a key of the base config.*Close matches: model\.lr",
+        ),
+        (
+            {
+                'trainer.callbacks[PruningCallback].init_args.ratios["layer3.*.conv1"]': {
+                    "type": "float",
+                    "low": 0,
+                    "high": 0.9,
+                }
+            },
             r"not a key of the base config.*Close matches: .*ratios\[\"layer[12]",
         ),
-        ({"model.lr": {"type": "uniform", "low": 0.01, "high": 0.1}}, r"search_space\['model.lr'\].type` must be one of"),
+        (
+            {"model.lr": {"type": "uniform", "low": 0.01, "high": 0.1}},
+            r"search_space\['model.lr'\].type` must be one of",
+        ),
         ({"model.lr": {"type": "float", "low": 0.1, "high": 0.01}}, r"low` must be <= `high`"),
         ({"model.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, r"low` must be > 0 with `log: true`"),
-        ({"model.lr": {"type": "float", "low": 0.01, "high": 0.1, "lower": 0}}, r"unknown key 'lower'.*Did you mean low"),
-        ({"model.lr": {"type": "float", "low": 0.2, "high": 0.3}}, r"base config's value 0.05 is outside the search space \[0.2, 0.3\]"),
+        (
+            {"model.lr": {"type": "float", "low": 0.01, "high": 0.1, "lower": 0}},
+            r"unknown key 'lower'.*Did you mean low",
+        ),
+        (
+            {"model.lr": {"type": "float", "low": 0.2, "high": 0.3}},
+            r"base config's value 0.05 is outside the search space \[0.2, 0.3\]",
+        ),
         ({"model.lr_schedule": {"type": "categorical", "choices": []}}, r"choices` must be a non-empty list"),
         ({}, "`search_space` must map config paths"),
     ],
@@ -362,7 +426,9 @@ def test_base_args_and_extra_args_edit_the_base_config(tmp_path: Path) -> None:
 
 
 def test_missing_baseline_checkpoint_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"`model.init_from` must be the trained baseline checkpoint .*'nope.ckpt'"):
+    with pytest.raises(
+        FileNotFoundError, match=r"`model.init_from` must be the trained baseline checkpoint .*'nope.ckpt'"
+    ):
         sweep_spec_from_dict(tiny_sweep(tmp_path, base_args=["--model.init_from=nope.ckpt"]))
 
 
@@ -392,7 +458,11 @@ def test_validation_objective_without_training_needs_a_full_validation_pass(tmp_
         ({"budget": {"n_trials": 0}}, ValueError, r"budget.n_trials` must be an int >= 1, got 0"),
         ({"budgets": {}}, ValueError, r"the sweep file has an unknown key 'budgets'.*Did you mean budget"),
         ({"base_args": "--trainer.max_epochs=0"}, ValueError, r"`base_args` must be a list"),
-        ({"base_config": "no/such/base.yaml"}, FileNotFoundError, r"`base_config` must be a fit config file, got 'no/such/base.yaml'"),
+        (
+            {"base_config": "no/such/base.yaml"},
+            FileNotFoundError,
+            r"`base_config` must be a fit config file, got 'no/such/base.yaml'",
+        ),
     ],
 )
 def test_bad_engine_budget_and_files_are_refused(tmp_path: Path, entries: dict, error: type, message: str) -> None:
@@ -408,7 +478,9 @@ def test_storage_that_cannot_be_opened_is_refused(tmp_path: Path, url: str) -> N
 
 
 def test_missing_sweep_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"`--config` must be a sweep YAML file, got '.*nope.yaml' \(no such file\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"`--config` must be a sweep YAML file, got '.*nope.yaml' \(no such file\)"
+    ):
         load_sweep_spec(tmp_path / "nope.yaml")
 
 
@@ -426,13 +498,20 @@ DISTILLER_SCHEDULE = {
                 "class_path": "compresslight.callbacks.pruning.PruningCallback",
                 "init_args": {
                     "ratios": {
-                        "layer1.*.conv1": 0.7, "layer2.[1-4].conv1": 0.6, "layer2.[67].conv1": 0.6,
-                        "layer3.1.conv1": 0.2, "layer3.[2-3].conv1": 0.4, "layer3.[5-8].conv1": 0.4,
+                        "layer1.*.conv1": 0.7,
+                        "layer2.[1-4].conv1": 0.6,
+                        "layer2.[67].conv1": 0.6,
+                        "layer3.1.conv1": 0.2,
+                        "layer3.[2-3].conv1": 0.4,
+                        "layer3.[5-8].conv1": 0.4,
                     },  # fmt: skip
                     "norm": 1,
                 },
             },
-            {"class_path": "compresslight.callbacks.profile.ProfileCallback", "init_args": {"batch_sizes": [1], "threads": [1, 2]}},
+            {
+                "class_path": "compresslight.callbacks.profile.ProfileCallback",
+                "init_args": {"batch_sizes": [1], "threads": [1, 2]},
+            },
         ],
     },
 }
@@ -457,11 +536,18 @@ def test_shipped_sweep_files_fit_the_distiller_schedule(path: Path, tmp_path: Pa
     sweep = {**yaml.safe_load(path.read_text()), "base_config": str(stand_in), "storage": f"sqlite:///{tmp_path}/s.db"}
     spec = sweep_spec_from_dict(sweep)
     assert [p.base_value for p in spec.parameters] == [0.7, 0.6, 0.2, 0.4]  # trial 0: the off-the-shelf schedule
-    assert {p.label for p in spec.parameters} == {"filter_pruner_70", "filter_pruner_60", "filter_pruner_20", "filter_pruner_40"}
+    assert {p.label for p in spec.parameters} == {
+        "filter_pruner_70",
+        "filter_pruner_60",
+        "filter_pruner_20",
+        "filter_pruner_40",
+    }
 
 
 @pytest.mark.parametrize("path", WANDB_FILES, ids=lambda p: p.name)
-def test_shipped_wandb_sweeps_run_cli_fit_with_parsable_arguments(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shipped_wandb_sweeps_run_cli_fit_with_parsable_arguments(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(REPO)
     sweep = yaml.safe_load(path.read_text())
     config_file = sweep["command"][sweep["command"].index("--config") + 1]
@@ -484,10 +570,10 @@ def test_shipped_wandb_sweeps_run_cli_fit_with_parsable_arguments(path: Path, tm
 
 def test_results_callback_writes_progress_and_results(tmp_path: Path) -> None:
     import pytorch_lightning as pl
-
     from compresslight.callbacks.profile import ProfileCallback
-    from compresslight.classifier import ImageClassifier
     from compresslight.datamodules import SyntheticDataModule
+
+    from compresslight.classifier import ImageClassifier
 
     data = SyntheticDataModule(num_classes=4, input_shape=(3, 8, 8), num_samples=32, num_val_samples=16, batch_size=16)
     model = ImageClassifier(arch="resnet20", num_classes=4, input_shape=(3, 8, 8))
@@ -587,7 +673,9 @@ def test_sweep_resumes_from_its_storage(tmp_path: Path) -> None:
     # A finished study is not run again.
     assert len(run_sweep(spec).trials) == 3
     # Another search space under the same name is refused rather than mixed in.
-    other = sweep_spec_from_dict(tiny_sweep(tmp_path, search_space={"model.lr": {"type": "float", "low": 0.01, "high": 0.1}}))
+    other = sweep_spec_from_dict(
+        tiny_sweep(tmp_path, search_space={"model.lr": {"type": "float", "low": 0.01, "high": 0.1}})
+    )
     with pytest.raises(ValueError, match=r"`study_name`='tiny' .* holds a sweep with another search space"):
         run_sweep(other)
 
@@ -616,7 +704,11 @@ def test_sweep_killed_midway_resumes_and_reruns_the_interrupted_trial(tmp_path: 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/study.db")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     retry = study.trials[1]
-    assert retry.params == study.trials[0].params and retry.user_attrs["base_schedule"] and retry.user_attrs["error"] is None
+    assert (
+        retry.params == study.trials[0].params
+        and retry.user_attrs["base_schedule"]
+        and retry.user_attrs["error"] is None
+    )
 
 
 @pytest.mark.slow
@@ -662,7 +754,11 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
     workers = [
         subprocess.Popen(
             [sys.executable, str(REPO / "cli.py"), "sweep", "--config", str(sweep_file)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for _ in range(2)
     ]
@@ -674,5 +770,7 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert sum(bool(t.user_attrs.get("base_schedule")) for t in study.trials) == 1  # queued by one worker only
     assert len({t.number for t in study.trials}) == len(study.trials)
-    assert json.loads(json.dumps(study.user_attrs["sweep"]))["objectives"] == [{"name": "val/top1", "direction": "maximize"}]
+    assert json.loads(json.dumps(study.user_attrs["sweep"]))["objectives"] == [
+        {"name": "val/top1", "direction": "maximize"}
+    ]
     assert open_storage(f"sqlite:///{tmp_path}/study.db") is not None

@@ -10,21 +10,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
-
 from compresslight.callbacks.profile import ProfileCallback
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.callbacks.quantization import QuantizationCallback
-from compresslight.checkpoint import adapt_pretrained_weights
-from compresslight.classifier import ImageClassifier
-from compresslight.cli import build_from_config
-from compresslight.compression.pruning import prune_filters
-from compresslight.compression.tucker import SVDSplit, TuckerConv2d, TuckerRecord, decompose_model
-from compresslight.profiling.profiler import profile
-from compresslight.profiling.results import INFERENCE, TRAIN
-from compresslight.registry import create_model
 from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
-from compresslight.evaluation import logits_of
 from thirdparty_models import (
     BatchNorm1dHead,
     ConcatResidual,
@@ -35,7 +24,17 @@ from thirdparty_models import (
     SamePadNet,
     TinyViT,
 )
+from torch import nn
 
+from compresslight.checkpoint import adapt_pretrained_weights
+from compresslight.classifier import ImageClassifier
+from compresslight.cli import build_from_config
+from compresslight.compression.pruning import prune_filters
+from compresslight.compression.tucker import SVDSplit, TuckerConv2d, TuckerRecord, decompose_model
+from compresslight.evaluation import logits_of
+from compresslight.profiling.profiler import profile
+from compresslight.profiling.results import INFERENCE, TRAIN
+from compresslight.registry import create_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -513,7 +513,9 @@ def test_whole_model_check_reverts_the_layer_that_gained_least_where_the_model_w
     rows = by_name(record)
     for name in {"small", "large"} - left:
         assert rows[name]["decision"] == "kept"
-        assert "was 0.80x [0.76, 0.84] (significantly slower) at batch 2, 1 thread(s), inference" in rows[name]["reason"]
+        assert (
+            "was 0.80x [0.76, 0.84] (significantly slower) at batch 2, 1 thread(s), inference" in rows[name]["reason"]
+        )
         assert isinstance(getattr(model, name), nn.Conv2d)
     for name in left:
         assert isinstance(getattr(model, name), TuckerConv2d)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from compresslight.callbacks.tucker import TuckerVBMFCallback
+from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
-from compresslight.callbacks.tucker import TuckerVBMFCallback
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.tucker import SVDSplit, TuckerConv2d, TuckerRecord
-from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
 
 TESTS_DIR = Path(__file__).parent
 

@@ -27,8 +27,14 @@ def test_cli_fit_with_wandb_logger_runs_offline_and_logs_dashboard_keys(tmp_path
                 "init_args": {"project": "compresslight-test", "save_dir": str(tmp_path)},
             },
             "callbacks": [
-                {"class_path": "compresslight.callbacks.pruning.PruningCallback", "init_args": {"amount": 0.25, "epochs": [1]}},
-                {"class_path": "compresslight.callbacks.profile.ProfileCallback", "init_args": {"warmup": 0, "iters": 2}},
+                {
+                    "class_path": "compresslight.callbacks.pruning.PruningCallback",
+                    "init_args": {"amount": 0.25, "epochs": [1]},
+                },
+                {
+                    "class_path": "compresslight.callbacks.profile.ProfileCallback",
+                    "init_args": {"warmup": 0, "iters": 2},
+                },
             ],
         },
         "model": {"arch": "resnet20"},
@@ -43,7 +49,11 @@ def test_cli_fit_with_wandb_logger_runs_offline_and_logs_dashboard_keys(tmp_path
     env.update(OMP_NUM_THREADS="1", HOME=str(tmp_path), WANDB_SILENT="true")  # no account, no netrc
     result = subprocess.run(
         [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "W&B runs are written offline" in result.stderr + result.stdout, (result.stderr[:2000], result.stdout[:500])
@@ -52,15 +62,26 @@ def test_cli_fit_with_wandb_logger_runs_offline_and_logs_dashboard_keys(tmp_path
     # The offline run's transaction log, read with W&B's own inspector (`wandb leet inspect`).
     records = subprocess.run(
         [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dirs[0])],
-        env=env, capture_output=True, text=True, timeout=120, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout.splitlines()
     logged: dict = {}
     for line in records:
         record = json.loads(line)
         if record.get("type") == "history":
             logged.update(record["history"]["item"])
-    for key in ("compression/params", "compression/macs", "compression/channels/layer1.0.conv1", "profile/params",
-                "profile/theoretical_speedup", "profile/inference_latency_ms/bs1_t1_torch", "val/top1"):
+    for key in (
+        "compression/params",
+        "compression/macs",
+        "compression/channels/layer1.0.conv1",
+        "profile/params",
+        "profile/theoretical_speedup",
+        "profile/inference_latency_ms/bs1_t1_torch",
+        "val/top1",
+    ):
         assert key in logged, key
     assert logged["compression/channels/layer1.0.conv1"] == 12
     assert logged["profile/theoretical_speedup"] > 1.5

@@ -40,7 +40,8 @@ import logging
 import math
 import numbers
 import time
-from typing import Any, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -453,4 +454,3 @@ def factorize_model(
     for name, module in replacements.items():
         set_submodule(model, name, module)
     return record
-

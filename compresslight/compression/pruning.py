@@ -29,8 +29,9 @@ import dataclasses
 import fnmatch
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch_pruning as tp
@@ -295,9 +296,7 @@ class _Structure:
         return [name for name in self.names.values() if name in found]
 
 
-def prunable_layers(
-    model: nn.Module, example_inputs: ExampleInputs, ignored_layers: Sequence[str] = ()
-) -> list[str]:
+def prunable_layers(model: nn.Module, example_inputs: ExampleInputs, ignored_layers: Sequence[str] = ()) -> list[str]:
     """Names of the layers `prune_filters` can prune (the names patterns are matched against).
 
     The layers producing the model's output and the `ignored_layers` patterns' modules keep
@@ -794,11 +793,7 @@ def _check_same_shapes(model: nn.Module, reference: nn.Module) -> None:
 
 def channel_summary(model: nn.Module) -> dict[str, int]:
     """Output channels of every convolution and linear layer, by name (for before/after logs)."""
-    return {
-        name: _out_channels(module)
-        for name, module in model.named_modules()
-        if isinstance(module, _ROOT_TYPES)
-    }
+    return {name: _out_channels(module) for name, module in model.named_modules() if isinstance(module, _ROOT_TYPES)}
 
 
 # --- unstructured magnitude pruning ------------------------------------------------------------

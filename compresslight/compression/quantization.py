@@ -52,8 +52,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +123,7 @@ def quantization_params(min_val: Tensor, max_val: Tensor, bits: int = 8) -> tupl
     _check_bits(bits)
     if min_val.shape != max_val.shape:
         raise ValueError(
-            f"`min_val` and `max_val` must have the same shape, got {tuple(min_val.shape)} and "
-            f"{tuple(max_val.shape)}."
+            f"`min_val` and `max_val` must have the same shape, got {tuple(min_val.shape)} and {tuple(max_val.shape)}."
         )
     quant_max = 2**bits - 1
     # Widening to include 0 makes zero (padding, ReLU output, pruned weights) exactly representable.

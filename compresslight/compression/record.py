@@ -11,7 +11,8 @@ A record kind is a dataclass subclass of `CompressionRecord` decorated with `@re
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterable, Mapping, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 

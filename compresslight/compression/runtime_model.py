@@ -38,8 +38,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -520,7 +521,12 @@ class RuntimeModel:
             raise ValueError(f"`n_samples` must be an int >= 1, got {n_samples!r}.")
         env = self.environment
         options = SideBySide(
-            warmup=env.warmup, iters=env.iters, min_rounds=rounds, max_rounds=rounds, target_width=None, time_budget_s=None
+            warmup=env.warmup,
+            iters=env.iters,
+            min_rounds=rounds,
+            max_rounds=rounds,
+            target_width=None,
+            time_budget_s=None,
         )
         device = resolve_device(env.device if device is None else device)
         self.check_compatible(model, device=device)

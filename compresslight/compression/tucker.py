@@ -59,7 +59,8 @@ import fnmatch
 import functools
 import logging
 import math
-from typing import Any, Callable, Collection, Iterator, Literal, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -157,8 +158,15 @@ class TuckerConv2d(nn.Sequential):
                     (
                         "core",
                         nn.Conv2d(
-                            in_rank, out_rank, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                            bias=False, padding_mode=padding_mode, **factory,
+                            in_rank,
+                            out_rank,
+                            kernel_size,
+                            stride=stride,
+                            padding=padding,
+                            dilation=dilation,
+                            bias=False,
+                            padding_mode=padding_mode,
+                            **factory,
                         ),  # fmt: skip
                     ),
                     ("out_proj", nn.Conv2d(out_rank, out_channels, 1, bias=bias, **factory)),
@@ -450,7 +458,9 @@ class RuntimeCheck:
         if not _is_int(self.iters) or self.iters < 1:
             raise ValueError(f"`iters` must be an int >= 1, got {self.iters!r}.")
         if not _is_int(self.rounds) or self.rounds < 2:
-            raise ValueError(f"`rounds` must be an int >= 2 (an interval needs two paired rounds), got {self.rounds!r}.")
+            raise ValueError(
+                f"`rounds` must be an int >= 2 (an interval needs two paired rounds), got {self.rounds!r}."
+            )
         self.side_by_side = SideBySide(
             warmup=self.warmup, iters=self.iters, min_rounds=self.rounds,
             max_rounds=self.rounds if self.max_rounds is None else self.max_rounds,
@@ -830,7 +840,9 @@ def layer_to_revert(latency: Mapping[str, Sequence[Mapping[str, Any]]], setting:
         for row in latency[name]:
             if (row["batch_size"], row["threads"], row["mode"]) == setting:
                 return row["speedup"]
-        raise ValueError(f"Layer {name!r} has no measurement at batch {setting[0]}, {setting[1]} thread(s), {setting[2]}.")
+        raise ValueError(
+            f"Layer {name!r} has no measurement at batch {setting[0]}, {setting[1]} thread(s), {setting[2]}."
+        )
 
     return min(latency, key=speedup)
 

@@ -30,7 +30,24 @@ __all__ = ["VGG", "VGG16_CFG", "vgg16", "vgg16_compact"]
 
 # Output channels of the 13 convolutions of configuration D; "M" is a 2x2/2 max pool.
 VGG16_CFG: list[int | str] = [
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
 ]
 
 

@@ -23,10 +23,10 @@ from compresslight.profiling.compare import (
     speedup_summary,
 )
 from compresslight.profiling.environment import Environment, resolve_device
+from compresslight.profiling.load import LoadMonitor, MachineLoad
 from compresslight.profiling.profiler import profile
 from compresslight.profiling.report import profile_and_report, profile_settings, read_report, write_report
 from compresslight.profiling.results import LatencyEntry, LayerCost, MemoryProfile, ModelProfile, ParameterCount
-from compresslight.profiling.load import LoadMonitor, MachineLoad
 from compresslight.profiling.side_by_side import (
     PairedSpeedup,
     SideBySide,

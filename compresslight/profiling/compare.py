@@ -15,8 +15,9 @@ import dataclasses
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from compresslight.profiling.results import INFERENCE, MODES, TRAIN, ModelProfile
 from compresslight.profiling.side_by_side import SideBySideReport, format_speedup, side_by_side_note

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +104,7 @@ def profile(
             loss_fn = train_loss_fn(model, batch, generator) if do_train and blocker is None else None
             memory.append(_memory_profile(model, batch, loss_fn, params, target_device, measure_memory))
             for backend in backends:
-                latency.append(
-                    _inference_latency(model, batch, backend, target_device, used_threads, warmup, iters)
-                )
+                latency.append(_inference_latency(model, batch, backend, target_device, used_threads, warmup, iters))
             if loss_fn is not None:
                 latency.append(_train_latency(model, batch, loss_fn, target_device, warmup, iters))
             log.info("Profiled %s at batch size %d on %s.", name, batch_size, environment.label)

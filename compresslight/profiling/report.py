@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from compresslight.profiling.compare import SpeedupReport, compare_matching, plot_speedups, speedup_markdown
-from compresslight.profiling.progress import progress_bar
-from compresslight.profiling.side_by_side import SideBySide, SideBySideReport, compare_models
 from compresslight.profiling.profiler import profile
+from compresslight.profiling.progress import progress_bar
 from compresslight.profiling.results import MODES, ModelProfile
+from compresslight.profiling.side_by_side import SideBySide, SideBySideReport, compare_models
 
 log = logging.getLogger(__name__)
 

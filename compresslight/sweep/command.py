@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from compresslight.sweep.engine import run_sweep
 from compresslight.sweep.spec import load_sweep_spec

@@ -216,10 +216,18 @@ def run_trial(
         state = TrialState.PRUNED if stop_reason.startswith("pruned") else TrialState.FAIL
         return TrialOutcome(state, None, last_metrics, stop_reason, duration)
     if process.returncode != 0:
-        return TrialOutcome(TrialState.FAIL, None, last_metrics, f"fit exited with code {process.returncode}:\n{_log_tail(trial_dir)}", duration)
+        return TrialOutcome(
+            TrialState.FAIL,
+            None,
+            last_metrics,
+            f"fit exited with code {process.returncode}:\n{_log_tail(trial_dir)}",
+            duration,
+        )
     results = read_results(trial_dir)
     if results is None:
-        return TrialOutcome(TrialState.FAIL, None, last_metrics, f"fit wrote no results.json:\n{_log_tail(trial_dir)}", duration)
+        return TrialOutcome(
+            TrialState.FAIL, None, last_metrics, f"fit wrote no results.json:\n{_log_tail(trial_dir)}", duration
+        )
     metrics = results["metrics"]
     values = []
     for objective in spec.objectives:
@@ -267,7 +275,9 @@ def _watch(
             last_heartbeat = now
         if spec.budget.trial_timeout_s is not None and now - started > spec.budget.trial_timeout_s:
             _kill(process)
-            return f"stopped after {spec.budget.trial_timeout_s:.0f} s (`budget.trial_timeout_s`):\n{_log_tail(trial_dir)}"
+            return (
+                f"stopped after {spec.budget.trial_timeout_s:.0f} s (`budget.trial_timeout_s`):\n{_log_tail(trial_dir)}"
+            )
         reason = _read_new_progress(spec, trial, trial_dir, reported_steps)
         if reason is not None:
             _kill(process)
@@ -343,7 +353,13 @@ def _record(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> 
         log.info("Trial %d complete in %.1f s: %s", trial.number, outcome.duration_s, outcome.values)
     else:
         study.tell(trial, state=outcome.state)
-        log.warning("Trial %d %s in %.1f s: %s", trial.number, outcome.state.name, outcome.duration_s, (outcome.error or "")[-500:])
+        log.warning(
+            "Trial %d %s in %.1f s: %s",
+            trial.number,
+            outcome.state.name,
+            outcome.duration_s,
+            (outcome.error or "")[-500:],
+        )
 
 
 def _kill(process: subprocess.Popen) -> None:
@@ -407,7 +423,9 @@ def _counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     trials = study.get_trials(deepcopy=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retried = {number for t in trials for number in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t)}
+        retried = {
+            number for t in trials for number in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t)
+        }
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     return [t for t in trials if t.state in finished or (t.state == TrialState.FAIL and t.number not in retried)]
 

@@ -18,8 +18,9 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -162,5 +163,7 @@ def expand_path_overrides(args: Sequence[str]) -> list[str]:
     handle, name = tempfile.mkstemp(prefix="compresslight-config-", suffix=".yaml")
     os.close(handle)
     write_fit_config(config, name)
-    log.info("Applied %d config-path arguments (%s); the run's config is %s.", len(overrides), ", ".join(overrides), name)
+    log.info(
+        "Applied %d config-path arguments (%s); the run's config is %s.", len(overrides), ", ".join(overrides), name
+    )
     return subcommand + ["--config", name] + passthrough

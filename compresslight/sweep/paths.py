@@ -27,7 +27,8 @@ import copy
 import dataclasses
 import difflib
 import re
-from typing import Any, Iterator, Union
+from collections.abc import Iterator
+from typing import Any, Union
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"[^.\[\]]+")
@@ -164,7 +165,9 @@ def get_at_path(config: Any, path: str) -> Any:
     values = [container[key] for key in keys]
     if any(value != values[0] for value in values[1:]):
         held = {str(key): value for key, value in zip(keys, values)}
-        raise ValueError(f"Config path {path!r} ties keys that hold different values ({held}); give them one value first.")
+        raise ValueError(
+            f"Config path {path!r} ties keys that hold different values ({held}); give them one value first."
+        )
     return values[0]
 
 
@@ -252,7 +255,11 @@ def _step(node: Any, segment: Segment, done: list[Segment], path: str, config: A
         if not matches:
             _fail(path, config, f"no item of {where} has class {segment.name!r} (classes: {classes})")
         if len(matches) > 1:
-            _fail(path, config, f"{len(matches)} items of {where} have class {segment.name!r} (at {matches}): select one by index")
+            _fail(
+                path,
+                config,
+                f"{len(matches)} items of {where} have class {segment.name!r} (at {matches}): select one by index",
+            )
         return node, matches[0], node[matches[0]]
     _fail(path, config, f"{where} is a value ({node!r}), it has no {format_path([segment])!r}")
     raise AssertionError("unreachable")

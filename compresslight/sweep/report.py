@@ -14,8 +14,9 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -115,7 +116,12 @@ def plot_accuracy_vs_latency(
     front_numbers = {t.number for t in front}
     front_points = sorted((m[latency_key], 100 * m[ACCURACY_KEY]) for t, m in points if t.number in front_numbers)
     if front_points:
-        axes.plot(*zip(*front_points), color="tab:red", marker="o", label="Pareto front" if len(spec.objectives) > 1 else "best")
+        axes.plot(
+            *zip(*front_points),
+            color="tab:red",
+            marker="o",
+            label="Pareto front" if len(spec.objectives) > 1 else "best",
+        )
     for trial, metrics in points:
         if trial.user_attrs.get(BASE_ATTR):
             axes.scatter(
@@ -137,7 +143,14 @@ def _latency_key(trials: Sequence[FrozenTrial], spec: SweepSpec) -> str | None:
     for objective in spec.objectives:
         if "latency" in objective.name and "*" not in objective.name:
             return objective.name
-    keys = sorted({key for t in trials for key in t.user_attrs.get("metrics", {}) if key.startswith("profile/inference_latency_ms/")})
+    keys = sorted(
+        {
+            key
+            for t in trials
+            for key in t.user_attrs.get("metrics", {})
+            if key.startswith("profile/inference_latency_ms/")
+        }
+    )
     return keys[0] if keys else None
 
 
@@ -152,11 +165,17 @@ def _summary(trials: Sequence[FrozenTrial], spec: SweepSpec) -> str:
     ]
     durations = [t.user_attrs["duration_s"] for t in trials if "duration_s" in t.user_attrs]
     if durations:
-        lines += [f"Time per trial: median {sorted(durations)[len(durations) // 2]:.1f} s, total {sum(durations):.0f} s.", ""]
+        lines += [
+            f"Time per trial: median {sorted(durations)[len(durations) // 2]:.1f} s, total {sum(durations):.0f} s.",
+            "",
+        ]
     if not complete:
         return "\n".join(lines)
     base = next((t for t in complete if t.user_attrs.get(BASE_ATTR)), None)
-    lines += ["| objective | direction | base schedule | best | best trial | best vs base |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| objective | direction | base schedule | best | best trial | best vs base |",
+        "|---|---|---|---|---|---|",
+    ]
     for position, objective in enumerate(spec.objectives):
         pick = max if objective.direction == "maximize" else min
         best = pick(complete, key=lambda t: t.values[position])

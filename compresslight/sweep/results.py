@@ -165,4 +165,11 @@ def _profile_metrics(callback: Callback) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
 
 
-__all__ = ["CALLBACK_CLASS_PATH", "PROGRESS_NAME", "RESULTS_NAME", "SweepResultsCallback", "read_progress", "read_results"]
+__all__ = [
+    "CALLBACK_CLASS_PATH",
+    "PROGRESS_NAME",
+    "RESULTS_NAME",
+    "SweepResultsCallback",
+    "read_progress",
+    "read_results",
+]

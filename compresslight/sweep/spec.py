@@ -35,8 +35,9 @@ import difflib
 import fnmatch
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import optuna
 import yaml
@@ -63,7 +64,17 @@ COMPRESSION_METRICS = ("compression/params", "compression/macs")
 PROFILE_FAMILIES = profile_keys.FAMILIES  # one definition of the ProfileCallback keys
 OBJECTIVE_PREFIXES = ("val/", "train/", "compression/", "profile/")
 
-_TOP_LEVEL = ("base_config", "base_args", "search_space", "objectives", "budget", "engine", "storage", "study_name", "output_dir")
+_TOP_LEVEL = (
+    "base_config",
+    "base_args",
+    "search_space",
+    "objectives",
+    "budget",
+    "engine",
+    "storage",
+    "study_name",
+    "output_dir",
+)
 _DISTRIBUTION_KEYS = ("type", "low", "high", "step", "log", "choices", "label")
 _BUDGET_KEYS = ("n_trials", "timeout_s", "trial_timeout_s")
 _ENGINE_KEYS = (
@@ -192,7 +203,9 @@ class SweepSpec:
     def describe(self) -> dict[str, Any]:
         """What defines the study (search space and objectives), to refuse resuming a different one."""
         return {
-            "search_space": {p.path: optuna.distributions.distribution_to_json(p.distribution) for p in self.parameters},
+            "search_space": {
+                p.path: optuna.distributions.distribution_to_json(p.distribution) for p in self.parameters
+            },
             "objectives": [dataclasses.asdict(o) for o in self.objectives],
         }
 
@@ -264,7 +277,9 @@ def sweep_spec_from_dict(data: Mapping[str, Any], default_name: str = "sweep", s
         )
     base_args = data.get("base_args") or []
     if not isinstance(base_args, list) or not all(isinstance(a, str) for a in base_args):
-        raise ValueError(f"`base_args` must be a list of fit arguments like '--trainer.max_epochs=0', got {base_args!r}.")
+        raise ValueError(
+            f"`base_args` must be a list of fit arguments like '--trainer.max_epochs=0', got {base_args!r}."
+        )
     plain_args, path_overrides = split_path_overrides(base_args)
     fit_config = resolve_fit_config(["--config", str(base_config), *plain_args])
     for override_path, value in path_overrides.items():
@@ -298,7 +313,9 @@ def sweep_spec_from_dict(data: Mapping[str, Any], default_name: str = "sweep", s
 def _check_init_from(fit_config: dict[str, Any]) -> None:
     init_from = (fit_config.get("model") or {}).get("init_from")
     if init_from is None:
-        log.warning("`model.init_from` is not set: every trial compresses a randomly initialized model, not a trained baseline.")
+        log.warning(
+            "`model.init_from` is not set: every trial compresses a randomly initialized model, not a trained baseline."
+        )
     elif not Path(str(init_from)).is_file():
         raise FileNotFoundError(
             f"`model.init_from` must be the trained baseline checkpoint every trial starts from, got {init_from!r} "
@@ -396,7 +413,9 @@ def _objectives(objectives: Any, fit_config: dict[str, Any], engine: Engine) -> 
     checked = []
     trainer = fit_config.get("trainer", {})
     callbacks = trainer.get("callbacks") or []
-    trains = trainer.get("max_epochs") != 0 and trainer.get("limit_train_batches") != 0 and trainer.get("max_steps") != 0
+    trains = (
+        trainer.get("max_epochs") != 0 and trainer.get("limit_train_batches") != 0 and trainer.get("max_steps") != 0
+    )
     for position, item in enumerate(objectives):
         name_key = f"objectives[{position}]"
         if not isinstance(item, dict):
@@ -414,9 +433,13 @@ def _objectives(objectives: Any, fit_config: dict[str, Any], engine: Engine) -> 
         raise ValueError(f"`objectives` must be distinct, got {names}.")
     if engine.pruner == "median":
         if len(checked) > 1:
-            raise ValueError("`engine.pruner`='median' works with one objective (Optuna cannot prune multi-objective trials by intermediate values); use 'chance' or 'none'.")
+            raise ValueError(
+                "`engine.pruner`='median' works with one objective (Optuna cannot prune multi-objective trials by intermediate values); use 'chance' or 'none'."
+            )
         if not checked[0].name.startswith("val/"):
-            raise ValueError(f"`engine.pruner`='median' needs a per-epoch objective (a val/ metric), got {checked[0].name!r}.")
+            raise ValueError(
+                f"`engine.pruner`='median' needs a per-epoch objective (a val/ metric), got {checked[0].name!r}."
+            )
     if engine.pruner == "chance" and engine.chance_after_epochs == 0 and trainer.get("num_sanity_val_steps") != -1:
         raise ValueError(
             "`engine.chance_after_epochs`=0 judges the model before training, which needs a full validation pass "
@@ -436,9 +459,13 @@ def _check_produced(name_key: str, name: str, trainer: dict[str, Any], callbacks
     if prefix in CLASSIFIER_METRICS:
         known = CLASSIFIER_METRICS[prefix]
         if rest not in known:
-            raise ValueError(f"`{name_key}.name`={name!r} is not a metric the model logs; {prefix} metrics are {[prefix + k for k in known]}.")
+            raise ValueError(
+                f"`{name_key}.name`={name!r} is not a metric the model logs; {prefix} metrics are {[prefix + k for k in known]}."
+            )
         if trainer.get("limit_val_batches") == 0 and prefix == "val/":
-            raise ValueError(f"`{name_key}.name`={name!r} needs validation, but the base config sets `trainer.limit_val_batches: 0`.")
+            raise ValueError(
+                f"`{name_key}.name`={name!r} needs validation, but the base config sets `trainer.limit_val_batches: 0`."
+            )
         if not trains and prefix == "train/":
             raise ValueError(f"`{name_key}.name`={name!r} needs training, but the base config trains for 0 epochs.")
         if not trains and prefix == "val/" and trainer.get("num_sanity_val_steps") != -1:
@@ -449,7 +476,9 @@ def _check_produced(name_key: str, name: str, trainer: dict[str, Any], callbacks
             )
     elif prefix == "compression/":
         if name not in COMPRESSION_METRICS:
-            raise ValueError(f"`{name_key}.name`={name!r} is not produced; compression/ objectives are {list(COMPRESSION_METRICS)}.")
+            raise ValueError(
+                f"`{name_key}.name`={name!r} is not produced; compression/ objectives are {list(COMPRESSION_METRICS)}."
+            )
     else:
         family = rest.split("/", 1)[0]
         if not any(fnmatch.fnmatchcase(f, family) for f in PROFILE_FAMILIES):
@@ -512,11 +541,20 @@ def _engine(data: Any) -> Engine:
         raise ValueError(f"`engine.pruner` must be one of {list(PRUNERS)}, got {engine.pruner!r}.")
     if engine.seed is not None and (isinstance(engine.seed, bool) or not isinstance(engine.seed, int)):
         raise ValueError(f"`engine.seed` must be an int or null, got {engine.seed!r}.")
-    for key, minimum in (("n_startup_trials", 0), ("population_size", 2), ("chance_after_epochs", 0), ("heartbeat_s", 1)):
+    for key, minimum in (
+        ("n_startup_trials", 0),
+        ("population_size", 2),
+        ("chance_after_epochs", 0),
+        ("heartbeat_s", 1),
+    ):
         value = getattr(engine, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"`engine.{key}` must be an int >= {minimum}, got {value!r}.")
-    if isinstance(engine.chance_margin, bool) or not isinstance(engine.chance_margin, (int, float)) or not 0 <= engine.chance_margin < 1:
+    if (
+        isinstance(engine.chance_margin, bool)
+        or not isinstance(engine.chance_margin, (int, float))
+        or not 0 <= engine.chance_margin < 1
+    ):
         raise ValueError(f"`engine.chance_margin` must be in [0, 1), got {engine.chance_margin!r}.")
     return engine
 
