@@ -114,7 +114,8 @@ def main() -> None:
 
     print()
     print(
-        f"ResNet20, batch 128, real CIFAR-10, {args.threads} threads, {args.steps} timed steps x {result.rounds} rounds "
+        f"ResNet20, batch 128, real CIFAR-10, {args.threads} threads, {args.steps} timed steps "
+        f"x {result.rounds} rounds "
         f"({images} images per turn), side by side; machine: {result.load.summary()}"
     )
     print()

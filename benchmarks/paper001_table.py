@@ -4,16 +4,16 @@ Paper 001 (section VII, Table V) reports accuracy, parameters, MACs and model si
 depthwise-separable compact form and its 8-bit quantized form (simulated: quantize-dequantize,
 still float). This script measures the same columns from trained checkpoints, plus what the
 paper could not: the CPU latency at batch 1 and 128 and the real int8 model (ONNX Runtime static
-quantization). Rows:
+quantization). Rows (row: what runs):
 
-| row | what runs |
-|---|---|
-| VGG16 | the `--vgg16` checkpoint, float, eager PyTorch |
-| VGG16, ONNX Runtime float | the same model exported to ONNX: the same-runtime reference for int8 |
-| VGG16 8-bit simulated | paper 001's quantization (min/max per tensor, calibrated on training batches), eager PyTorch, float arithmetic |
-| VGG16 int8, ONNX Runtime | real int8 kernels (QDQ, int8 weights, uint8 activations), same calibration |
-| VGG16 compact | the `--compact` checkpoint, float, eager PyTorch |
-| VGG16 compact, distilled | the `--compact-distill` checkpoint (optional), e.g. from configs/vgg16_compact_distill.yaml |
+- VGG16: the `--vgg16` checkpoint, float, eager PyTorch;
+- VGG16, ONNX Runtime float: the same model exported to ONNX: the same-runtime reference for int8;
+- VGG16 8-bit simulated: paper 001's quantization (min/max per tensor, calibrated on training batches), eager
+  PyTorch, float arithmetic;
+- VGG16 int8, ONNX Runtime: real int8 kernels (QDQ, int8 weights, uint8 activations), same calibration;
+- VGG16 compact: the `--compact` checkpoint, float, eager PyTorch;
+- VGG16 compact, distilled: the `--compact-distill` checkpoint (optional), e.g. from
+  configs/vgg16_compact_distill.yaml.
 
 Columns: top-1 on the CIFAR-10 test set (10,000 images; evaluation transform: normalize only),
 parameters, MACs of one forward pass at batch 1 (the papers' "MACs"; FLOPs = 2 x MACs), size on
@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table)
     report = dict(
         rows=results, sources=sources, bits=args.bits, per_channel=args.per_channel,
-        calibration_images=sum(len(x) for x in calibration), test_images=args.test_images or len(datamodule.test_labels),
+        calibration_images=sum(len(x) for x in calibration),
+        test_images=args.test_images or len(datamodule.test_labels),
         threads=threads, cpu=cpu_model_name(), torch=torch.__version__, quick=args.quick,
         seconds=time.perf_counter() - started,
     )  # fmt: skip
@@ -297,8 +298,10 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, threads: i
         "",
         f"CIFAR-10 test set ({test_images} images); {args.bits}-bit "
         f"{'per-channel' if args.per_channel else 'per-tensor'} min/max quantization calibrated on "
-        f"{args.calibration_batches} training batches of 128; CPU latency: side by side, median over >= {args.rounds} rounds "
-        f"(all models alternate in each) of the median of {args.iters} calls after {args.warmup} warm-up, {threads} threads; "
+        f"{args.calibration_batches} training batches of 128; CPU latency: side by side, "
+        f"median over >= {args.rounds} rounds "
+        f"(all models alternate in each) of the median of {args.iters} calls after {args.warmup} warm-up, "
+        f"{threads} threads; "
         "speedups paired per round, with 95% intervals "
         f"({cpu_model_name()}); MACs at batch 1; sizes: torch.save of "
         'the state dict, or the .onnx file, in MiB as paper 001\'s "MB".'

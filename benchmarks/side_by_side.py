@@ -115,7 +115,8 @@ def main() -> None:
     pruned.eval()
     params = [sum(p.numel() for p in m.parameters()) for m in (baseline, pruned)]
     print(f"ResNet20 {params[0]:,} params vs 25%-pruned {params[1]:,}; inference; {args.repetitions} repetitions; "
-          f"side by side: {args.min_rounds}-{args.max_rounds} rounds of {args.iters} calls (budget {args.time_budget_s:.0f} s); "
+          f"side by side: {args.min_rounds}-{args.max_rounds} rounds of {args.iters} calls "
+          f"(budget {args.time_budget_s:.0f} s); "
           f"two-time: {args.two_time_iters} calls each, {args.gap_s:.1f} s apart.", flush=True)  # fmt: skip
 
     rows = []
@@ -158,7 +159,8 @@ def main() -> None:
             if way == "side by side":
                 cover = f"{sum(s.low <= idle_value <= s.high for s in new)} of {len(new)}"
                 within = "yes" if abs(median / idle_value - 1) <= 0.10 else "no"
-            print(f"| {batch_size} / {threads} | {machine} | {way} | {median:.2f} ({min(values):.2f}-{max(values):.2f}) "
+            print(f"| {batch_size} / {threads} | {machine} | {way} | "
+                  f"{median:.2f} ({min(values):.2f}-{max(values):.2f}) "
                   f"| {spread:.0%} | {cover} | {within} |")  # fmt: skip
     print(
         f"\nIdle value: the median side-by-side estimate on the idle machine. Total {time.monotonic() - started:.0f} s."

@@ -15,8 +15,9 @@ checkpoint, decomposes it twice, and compares both with the baseline:
 It prints the ranks chosen, params, MACs, theoretical speedup (FLOPs ratio), observed speedup for
 inference and the train step at each batch size and thread count (measured side by side:
 `compresslight.profiling.side_by_side.compare_models`, the models alternate in at least `--rounds`
-rounds, paired speedup with a confidence interval and verdict), validation top-1 right after decomposition (no fine-tuning), and the decomposition time of ResNet18 (ours, and a plain SVD-based VBMF +
-tensorly HOOI as a reference).
+rounds, paired speedup with a confidence interval and verdict), validation top-1 right after
+decomposition (no fine-tuning), and the decomposition time of ResNet18 (ours, and a plain SVD-based
+VBMF + tensorly HOOI as a reference).
 
     python benchmarks/tucker_speedup.py --ckpt runs/resnet20_quick/version_0/checkpoints/last.ckpt
     python benchmarks/tucker_speedup.py --quick     # random-init ResNet20, few iterations: a smoke test
@@ -126,7 +127,7 @@ def reference_decomposition_seconds(model: nn.Module) -> float:
     from tensorly.decomposition import partial_tucker
 
     started = time.perf_counter()
-    for name, layer in model.named_modules():
+    for _name, layer in model.named_modules():
         if not isinstance(layer, nn.Conv2d) or layer.kernel_size == (1, 1) or layer.in_channels <= 3:
             continue
         weight = layer.weight.detach().to(torch.float64)
@@ -245,7 +246,7 @@ def run(args: argparse.Namespace) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     reports: dict[str, list[SpeedupReport]] = {name: [] for name in records}
-    for threads, by_model in profiles.items():
+    for _threads, by_model in profiles.items():
         for name in records:
             reports[name].append(compare(by_model["baseline"], by_model[name], side_by_side=paired))
     first = profiles[args.threads[0]]

@@ -199,8 +199,9 @@ class DistillationCallback(DivergenceGuard):
                 module.training = was_training
         if student_out.shape[-1] != teacher_out.shape[-1]:
             raise ValueError(
-                f"The teacher ({self.teacher_source}) predicts {teacher_out.shape[-1]} classes but the student predicts "
-                f"{student_out.shape[-1]}: distillation needs a teacher trained on the same classes (`teacher_ckpt`)."
+                f"The teacher ({self.teacher_source}) predicts {teacher_out.shape[-1]} classes "
+                f"but the student predicts {student_out.shape[-1]}: "
+                "distillation needs a teacher trained on the same classes (`teacher_ckpt`)."
             )
 
     # --- the loss ----------------------------------------------------------------------------------

@@ -25,12 +25,12 @@ QAT model ("sim") with its own float weights ("float").
 
 What is saved, and what reloads in a new process:
 
-| file | what | reload with |
-|---|---|---|
-| `<log_dir>/model_int8.onnx` | the real int8 model (QDQ, int8 weights, uint8 activations) | `OnnxRuntimeModel(path)` or `onnxruntime.InferenceSession(path)`, any process |
-| `<log_dir>/model_float.onnx` | the float model, for a same-runtime latency comparison | the same |
-| Lightning checkpoints of a QAT run | the fake-quant model: `fake_quant` record + ranges | `ImageClassifier.load_from_checkpoint(path)` / `load_compressed_checkpoint` |
-| `<log_dir>/quantization.json` | every number below, latency min/median/max included | `json.load` |
+- `<log_dir>/model_int8.onnx`: the real int8 model (QDQ, int8 weights, uint8 activations); reload with
+  `OnnxRuntimeModel(path)` or `onnxruntime.InferenceSession(path)`, any process;
+- `<log_dir>/model_float.onnx`: the float model, for a same-runtime latency comparison; reload: the same;
+- Lightning checkpoints of a QAT run: the fake-quant model (`fake_quant` record + ranges); reload with
+  `ImageClassifier.load_from_checkpoint(path)` / `load_compressed_checkpoint`;
+- `<log_dir>/quantization.json`: every number below, latency min/median/max included; reload with `json.load`.
 
 The post-training simulated model is not saved: it is a deterministic function of the float
 checkpoint and the calibration batches (rerun `quantize_model_simulated`).
@@ -43,9 +43,11 @@ Logged keys (`{split}` is `val` at fit end, `test` at test start; accuracies are
 | `quant/{split}_top1_sim{bits}` | simulated `bits`-bit model |
 | `quant/{split}_top1_drop_sim{bits}` | float minus simulated |
 | `quant/{split}_top1_int8` | int8 ONNX Runtime model |
-| `quant/latency_ms/{model}/bs{B}` | median CPU latency; model: `torch_float`, `torch_sim{bits}`, `ort_float`, `ort_int8` |
+| `quant/latency_ms/{model}/bs{B}` | median CPU latency; model: see below |
 | `quant/int8_speedup/bs{B}` | ONNX Runtime float latency / int8 latency |
 | `quant/size_bytes/onnx_float`, `quant/size_bytes/onnx_int8` | file sizes |
+
+In the latency keys, model: `torch_float`, `torch_sim{bits}`, `ort_float`, `ort_int8`.
 
 Under DDP the evaluation runs on global rank 0 only (with a datamodule it sees the whole
 validation or test set; loaders given directly to `fit` are the rank's shard); the QAT edit and
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import time
@@ -447,8 +450,9 @@ def measure_cpu_latency(
             results[name] = {}
             for batch_size in batch_sizes:
                 example = torch.randn(batch_size, *input_shape, generator=generator)
+                # The call is bound now (`model(example)`), not looked up when `measure_latency` calls it.
                 results[name][batch_size] = measure_latency(
-                    lambda: model(example), device="cpu", warmup=warmup, iters=iters
+                    functools.partial(model, example), device="cpu", warmup=warmup, iters=iters
                 )
     return results
 

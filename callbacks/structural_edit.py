@@ -168,7 +168,8 @@ class StructuralCompressionCallback(DivergenceGuard):
         except AttributeError:
             children = [name for name, _ in pl_module.named_children()]
             raise ValueError(
-                f"`module_path` must name a submodule of {type(pl_module).__name__} (children: {children}), got {path!r}."
+                f"`module_path` must name a submodule of {type(pl_module).__name__} "
+                f"(children: {children}), got {path!r}."
             ) from None
 
     # --- resume ------------------------------------------------------------------------------

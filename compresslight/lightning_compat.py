@@ -8,13 +8,14 @@ from here, never from one namespace:
 
 - `Callback`, `LightningModule`, `LightningDataModule` and `TorchCheckpointIO` subclass the class of
   that name in *every* installed namespace, so compresslight's callbacks, `ImageClassifier`,
-  datamodules and `AtomicCheckpointIO` pass either Trainer's (and either `LightningCLI`'s) type checks. A Trainer asks `is_overridden(hook, obj)`,
-  which compares code objects with its own namespace's: the two copies' code compares equal for
-  most hooks at matching versions (`constraints.txt` pins both), not for those whose docstrings
-  name the namespace. The no-op hooks among those that a Trainer queries are set to None below
-  (read as "not overridden" by both Trainers, never called); `optimizer_step` and
-  `lr_scheduler_step` have real defaults and stay: under the second namespace they read as
-  overridden, which only matters to `GradientAccumulationScheduler` (it refuses such a module).
+  datamodules and `AtomicCheckpointIO` pass either Trainer's (and either `LightningCLI`'s) type
+  checks. A Trainer asks `is_overridden(hook, obj)`, which compares code objects with its own
+  namespace's: the two copies' code compares equal for most hooks at matching versions
+  (`constraints.txt` pins both), not for those whose docstrings name the namespace. The no-op hooks
+  among those that a Trainer queries are set to None below (read as "not overridden" by both
+  Trainers, never called); `optimizer_step` and `lr_scheduler_step` have real defaults and stay:
+  under the second namespace they read as overridden, which only matters to
+  `GradientAccumulationScheduler` (it refuses such a module).
 - a user's own objects (module, strategy, loggers) are checked by behaviour (`is_lightning_module`,
   `is_ddp_strategy`, `is_wandb_logger`, `logger_log_dir`), never against one namespace's class.
 - `import_namespace` gives the namespace a YAML config names (the CLI builds on its `LightningCLI`).

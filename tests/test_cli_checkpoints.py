@@ -30,7 +30,10 @@ def write_config(root: Path) -> Path:
                 "init_args": {"save_dir": str(root), "name": "run"},
             },
             "callbacks": [
-                {"class_path": "compresslight.callbacks.pruning.PruningCallback", "init_args": {"amount": 0.25, "epochs": [1]}},
+                {
+                    "class_path": "compresslight.callbacks.pruning.PruningCallback",
+                    "init_args": {"amount": 0.25, "epochs": [1]},
+                },
                 {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"filename": "last"}},
             ],
         },

@@ -214,8 +214,9 @@ DDP_DISTILL_SCRIPT = textwrap.dedent(
     model = classifier()
     trainer.fit(model, *tiny_loaders())
     report = dict(
-        student=digest(model), teacher=digest(distillation.teacher), ddp_wraps_student_only=watcher.ddp_wraps_student_only,
-        teacher_in_eval=watcher.teacher_in_eval, logged="train/distill_loss_epoch" in trainer.callback_metrics,
+        student=digest(model), teacher=digest(distillation.teacher),
+        ddp_wraps_student_only=watcher.ddp_wraps_student_only, teacher_in_eval=watcher.teacher_in_eval,
+        logged="train/distill_loss_epoch" in trainer.callback_metrics,
     )
     (out_dir / f"rank{{trainer.global_rank}}.json").write_text(json.dumps(report))
     """

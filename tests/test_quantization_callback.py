@@ -265,7 +265,9 @@ DDP_QAT_SCRIPT = textwrap.dedent(
         def on_train_epoch_end(self, trainer, pl_module):
             if trainer.current_epoch == 1:
                 quantizers = [m for m in pl_module.modules() if isinstance(m, ActivationQuantizer)]
-                self.quantizing = bool(quantizers) and all(q.fake_quant_enabled and q.observer_enabled for q in quantizers)
+                self.quantizing = bool(quantizers) and all(
+                    q.fake_quant_enabled and q.observer_enabled for q in quantizers
+                )
 
     pl.seed_everything(0)
     quantization = QuantizationCallback(qat_epochs=1, calibration_batches=1, int8=False, latency_batch_sizes=[])

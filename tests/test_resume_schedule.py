@@ -23,8 +23,9 @@ def finished_run(tmp_path, lr_schedule, max_epochs=1):
 
 
 @pytest.mark.parametrize(
-    ("lr_schedule", "setting"), [("onecycle", "OneCycleLR schedule has total_steps=4, but this fit's has total_steps=8"),
-                                 ("cosine", "CosineAnnealingLR schedule has T_max=1, but this fit's has T_max=2")]
+    ("lr_schedule", "setting"),
+    [("onecycle", "OneCycleLR schedule has total_steps=4, but this fit's has total_steps=8"),
+     ("cosine", "CosineAnnealingLR schedule has T_max=1, but this fit's has T_max=2")]
 )  # fmt: skip
 def test_extending_a_finished_run_is_refused_before_training(tmp_path, lr_schedule, setting):
     path = finished_run(tmp_path, lr_schedule)

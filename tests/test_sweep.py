@@ -580,7 +580,10 @@ def test_results_callback_writes_progress_and_results(tmp_path: Path) -> None:
     trainer = pl.Trainer(
         max_epochs=2, num_sanity_val_steps=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu",
-        callbacks=[SweepResultsCallback(str(tmp_path / "trial")), ProfileCallback(warmup=0, iters=2, threads=1, on_fit_start=False)],
+        callbacks=[
+            SweepResultsCallback(str(tmp_path / "trial")),
+            ProfileCallback(warmup=0, iters=2, threads=1, on_fit_start=False),
+        ],
     )  # fmt: skip
     trainer.fit(model, datamodule=data)
     progress = read_progress(tmp_path / "trial")
@@ -604,8 +607,8 @@ def test_reports_mark_the_base_schedule_and_the_pareto_front(tmp_path: Path) -> 
         study.add_trial(
             optuna.trial.create_trial(
                 params={RATIO_PATH: ratio, "model.lr": 0.05}, distributions=distributions, values=[top1, latency],
-                user_attrs={"metrics": {"val/top1": top1, LATENCY: latency, "compression/params": 1000.0}, "duration_s": 1.0,
-                            **({"base_schedule": True} if base else {})},
+                user_attrs={"metrics": {"val/top1": top1, LATENCY: latency, "compression/params": 1000.0},
+                            "duration_s": 1.0, **({"base_schedule": True} if base else {})},
             )
         )  # fmt: skip
     study.add_trial(

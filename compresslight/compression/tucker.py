@@ -807,7 +807,8 @@ def _check_whole_model(
             if pending is None:
                 worst = min(rows, key=lambda row: row["speedup"])
                 log.info(
-                    "Tucker: the decomposed model is not significantly slower in any setting (worst %.2fx [%.2f, %.2f]).",
+                    "Tucker: the decomposed model is not significantly slower in any setting "
+                    "(worst %.2fx [%.2f, %.2f]).",
                     worst["speedup"], worst["low"], worst["high"],
                 )  # fmt: skip
                 break
@@ -821,7 +822,8 @@ def _check_whole_model(
         del replacements[reverted]
         _keep(
             report[reverted],
-            f"reverted: the decomposed model was {slowest['speedup']:.2f}x [{slowest['low']:.2f}, {slowest['high']:.2f}] "
+            f"reverted: the decomposed model was {slowest['speedup']:.2f}x "
+            f"[{slowest['low']:.2f}, {slowest['high']:.2f}] "
             f"(significantly slower) at batch {setting[0]}, "
             f"{setting[1]} thread(s), {setting[2]}, and this layer gained least there alone",
         )

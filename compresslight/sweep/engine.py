@@ -322,7 +322,10 @@ def _prune_reason(spec: SweepSpec, trial: optuna.Trial, record: dict[str, Any]) 
         if value is not None:
             trial.report(value, step)
             if trial.should_prune():
-                return f"pruned: {spec.objectives[0].name}={value:.4f} at step {step} is worse than the median of earlier trials"
+                return (
+                    f"pruned: {spec.objectives[0].name}={value:.4f} at step {step} "
+                    "is worse than the median of earlier trials"
+                )
     return None
 
 

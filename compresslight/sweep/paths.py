@@ -11,7 +11,9 @@ so a trial's value is written into a complete copy of the config at a path of th
 | `["any.key"]`, `['any.key']` | the key, dots and stars allowed | - |
 | `["key.a", "key.b"]` (last segment only) | several keys holding one value, set together | - |
 | `[3]`, `[-1]` | - | the item at that index |
-| `[PruningCallback]` | the key `PruningCallback` | the one item whose `class_path` is that class (short name or full path) |
+| `[PruningCallback]` | the key `PruningCallback` | the one item whose `class_path` is that class (see below) |
+
+A class in a bracket may be given by its short name or its full path.
 
 Several keys in one bracket tie them: paper 002's layer-2 group may be written as two patterns
 (`"layer2.[1-4].conv1"`, `"layer2.[67].conv1"`) and is still one searched sparsity.
@@ -28,7 +30,7 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Iterator
-from typing import Any, Union
+from typing import Any
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"[^.\[\]]+")
@@ -63,7 +65,7 @@ class Selector:
     name: str
 
 
-Segment = Union[Key, Keys, Index, Selector]
+Segment = Key | Keys | Index | Selector
 
 
 def parse_path(path: str) -> list[Segment]:

@@ -1,10 +1,9 @@
 """A sweep's reports, rewritten after every trial in its output folder.
 
-| file | content |
-|---|---|
-| `results.csv`, `results.md` | one row per trial: number, state, parameters, objectives, top-1, params, duration, error |
-| `pareto.csv`, `pareto.md` | the Pareto front (`study.best_trials`; the best trial for one objective) |
-| `top1_vs_latency.png` | validation top-1 against measured latency, Pareto front joined, base schedule marked |
+- `results.csv`, `results.md`: one row per trial: number, state, parameters, objectives, top-1, params,
+  duration, error;
+- `pareto.csv`, `pareto.md`: the Pareto front (`study.best_trials`; the best trial for one objective);
+- `top1_vs_latency.png`: validation top-1 against measured latency, Pareto front joined, base schedule marked.
 
 `results.md` starts with the base schedule's objectives next to the best found for each.
 """

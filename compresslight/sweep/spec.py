@@ -434,7 +434,8 @@ def _objectives(objectives: Any, fit_config: dict[str, Any], engine: Engine) -> 
     if engine.pruner == "median":
         if len(checked) > 1:
             raise ValueError(
-                "`engine.pruner`='median' works with one objective (Optuna cannot prune multi-objective trials by intermediate values); use 'chance' or 'none'."
+                "`engine.pruner`='median' works with one objective "
+                "(Optuna cannot prune multi-objective trials by intermediate values); use 'chance' or 'none'."
             )
         if not checked[0].name.startswith("val/"):
             raise ValueError(
@@ -453,14 +454,16 @@ def _check_produced(name_key: str, name: str, trainer: dict[str, Any], callbacks
     if prefix is None:
         raise ValueError(
             f"`{name_key}.name`={name!r} is not produced by any callback: objectives start with one of "
-            f"{list(OBJECTIVE_PREFIXES)} (e.g. 'val/top1', 'compression/params', 'profile/inference_latency_ms/bs1_t1_torch')."
+            f"{list(OBJECTIVE_PREFIXES)} "
+            "(e.g. 'val/top1', 'compression/params', 'profile/inference_latency_ms/bs1_t1_torch')."
         )
     rest = name[len(prefix) :]
     if prefix in CLASSIFIER_METRICS:
         known = CLASSIFIER_METRICS[prefix]
         if rest not in known:
             raise ValueError(
-                f"`{name_key}.name`={name!r} is not a metric the model logs; {prefix} metrics are {[prefix + k for k in known]}."
+                f"`{name_key}.name`={name!r} is not a metric the model logs; "
+                f"{prefix} metrics are {[prefix + k for k in known]}."
             )
         if trainer.get("limit_val_batches") == 0 and prefix == "val/":
             raise ValueError(
