@@ -30,7 +30,14 @@ EXTRAS = {
     "all": ONNX + SWEEP + WANDB,
     # Both Lightning namespaces: the suite runs the Trainer-level tests under each.
     # The tests also run a PostgreSQL study (psycopg).
-    "test": ["pytest>=9,<10", "pytest-timeout>=2.4,<3", "lightning>=2.6,<3", "psycopg[binary]>=3.3,<4"],
+    # ruff: CI checks lint and formatting with the version pinned in constraints.txt.
+    "test": [
+        "pytest>=9,<10",
+        "pytest-timeout>=2.4,<3",
+        "lightning>=2.6,<3",
+        "psycopg[binary]>=3.3,<4",
+        "ruff>=0.17,<1",
+    ],
 }
 
 setup(
