@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -53,6 +53,17 @@ from compresslight.profiling.counting import count_macs
 from compresslight.run_length import describe_limits, planned_epochs
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class CompressionListener(Protocol):
+    """A callback that must act before any structural edit (`apply_edit` calls it first).
+
+    `ProfileCallback` is one: it measures the baseline before a one-shot edit in `setup`, whatever
+    the order of the callbacks.
+    """
+
+    def before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None: ...
 
 
 class DivergenceGuard(Callback):
@@ -250,7 +261,7 @@ class StructuralCompressionCallback(DivergenceGuard):
         for callback in trainer.callbacks:
             # e.g. ProfileCallback: measure the baseline before a one-shot edit in `setup`,
             # whatever the order of the callbacks.
-            if callback is not self and hasattr(callback, "before_compression"):
+            if callback is not self and isinstance(callback, CompressionListener):
                 callback.before_compression(trainer, pl_module)
         started = time.perf_counter()  # the edit and the optimizer rebuild, not the profiling above
         optimizer_snapshot = OptimizerSnapshot.take(trainer, pl_module) if trainer.optimizers else None
