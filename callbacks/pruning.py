@@ -29,6 +29,7 @@ from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
+from compresslight.callbacks.latency_budget import LatencyBudget
 from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.pruning import (
     make_pruning_permanent,
@@ -64,6 +65,22 @@ class PruningCallback(StructuralCompressionCallback):
         ramp: "constant" (equal increments) or "agp" (cubic, fast first) when `targets` is None.
         mode: "structured" (remove channels) or "unstructured" (zero weights, for comparison).
         module_path: the submodule to prune (see `StructuralCompressionCallback`).
+        target_speedup: prune to this *measured* speedup instead of a ratio (latency-budget
+            pruning, `compresslight.compression.budget`): each of `epochs` is a step toward it
+            (`targets` as fractions of the log-speedup), every group's width and which residual
+            blocks to remove chosen on a latency table measured on this machine.
+        target_latency_ms: the same, as a latency of the unpruned model's measured one (either this
+            or `target_speedup`).
+        latency_backend: "torch" or "onnxruntime": where the latency is measured.
+        latency_batch_size: batch size of the latency measurements.
+        latency_threads: CPU threads of the latency measurements.
+        latency_table: JSON file of the latency table, reused when it was measured for this model
+            and environment (None: measured each run, not saved).
+        latency_grid_points: widths measured per channel dimension.
+        latency_iters: timed calls per latency measurement.
+        remove_blocks: whether a residual block may become its shortcut.
+        allocation: "auto", "dp" or "greedy" (`compresslight.compression.budget.allocate`).
+        measure_rounds: alternating rounds of the after-step measurement against the baseline.
 
     Raises:
         ValueError: for a ratio outside [0, 1), an unknown norm, importance, ramp or mode, or an
@@ -86,10 +103,42 @@ class PruningCallback(StructuralCompressionCallback):
         ramp: Literal["constant", "agp"] = "constant",
         mode: Literal["structured", "unstructured"] = "structured",
         module_path: str | None = None,
+        target_speedup: float | None = None,
+        target_latency_ms: float | None = None,
+        latency_backend: Literal["torch", "onnxruntime"] = "onnxruntime",
+        latency_batch_size: int = 1,
+        latency_threads: int = 1,
+        latency_table: str | None = None,
+        latency_grid_points: int = 8,
+        latency_iters: int = 50,
+        remove_blocks: bool = True,
+        allocation: Literal["auto", "dp", "greedy"] = "auto",
+        measure_rounds: int = 3,
     ) -> None:
         super().__init__(module_path=module_path)
-        if amount is None and not ratios:
-            raise ValueError("PruningCallback needs `amount` or `ratios`, got neither.")
+        self.latency_budget: LatencyBudget | None = None
+        if target_speedup is not None or target_latency_ms is not None:
+            if amount is not None or ratios or mode != "structured":
+                raise ValueError(
+                    "`target_speedup` / `target_latency_ms` choose the widths themselves: give neither `amount` nor "
+                    f"`ratios` and keep `mode`='structured', got amount={amount!r}, ratios={ratios!r}, mode={mode!r}."
+                )
+            self.latency_budget = LatencyBudget(
+                target_speedup=target_speedup,
+                target_latency_ms=target_latency_ms,
+                backend=latency_backend,
+                batch_size=latency_batch_size,
+                threads=latency_threads,
+                table_path=latency_table,
+                grid_points=latency_grid_points,
+                iters=latency_iters,
+                remove_blocks=remove_blocks,
+                allocation=allocation,
+                measure_rounds=measure_rounds,
+                ignored_layers=list(ignored_layers),
+            )
+        elif amount is None and not ratios:
+            raise ValueError("PruningCallback needs `amount`, `ratios` or a latency target, got none.")
         for name, ratio in {"amount": amount, **{f"ratios[{k!r}]": v for k, v in (ratios or {}).items()}}.items():
             if ratio is not None and not 0 <= ratio < 1:
                 raise ValueError(f"`{name}` must be in [0, 1), got {ratio!r}.")
@@ -124,6 +173,9 @@ class PruningCallback(StructuralCompressionCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self.latency_budget is not None and stage == "fit":
+            # Measured on the unpruned model, before any edit; an unreachable target fails here.
+            self.latency_budget.prepare(self.target_module(pl_module), find_example_inputs(trainer, pl_module))
         # On resume, a restored checkpoint replaces this edit with its own records (see
         # `StructuralCompressionCallback`), and the restored state marks epoch 0 done.
         if stage == "fit" and 0 in self.epochs and 0 not in self.completed_epochs:
@@ -148,6 +200,8 @@ class PruningCallback(StructuralCompressionCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "unstructured":
             make_pruning_permanent(self.target_module(pl_module))
+        if self.latency_budget is not None:
+            self.latency_budget.report(trainer)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         target = self.target_module(pl_module)
@@ -158,6 +212,8 @@ class PruningCallback(StructuralCompressionCallback):
             for logger in trainer.loggers:
                 logger.log_metrics({"compression/sparsity": sparsity_now}, step=trainer.global_step)
             log.info("Unstructured pruning at epoch %d: sparsity %.3f.", epoch, sparsity_now)
+        elif self.latency_budget is not None:
+            self.latency_budget.step(self, trainer, pl_module, goal)
         else:
             inputs = find_example_inputs(trainer, pl_module)
             if not self.original_channels:
@@ -245,6 +301,7 @@ class PruningCallback(StructuralCompressionCallback):
             **super().state_dict(),
             "completed_epochs": list(self.completed_epochs),
             "original_channels": {name: list(value) for name, value in self.original_channels.items()},
+            **({"latency_budget": self.latency_budget.state_dict()} if self.latency_budget is not None else {}),
         }
 
     @override
@@ -254,6 +311,8 @@ class PruningCallback(StructuralCompressionCallback):
         self.original_channels = {
             name: (int(width), float(ratio)) for name, (width, ratio) in state_dict.get("original_channels", {}).items()
         }
+        if self.latency_budget is not None and "latency_budget" in state_dict:
+            self.latency_budget.load_state_dict(state_dict["latency_budget"])
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
