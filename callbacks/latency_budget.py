@@ -7,9 +7,10 @@ allocates widths and removed blocks for that step's budget, applies them through
 then measures the whole model against the unpruned baseline, alternating in rounds, and corrects
 the next step's budget by the prediction's error:
 
-    budget_s = network_s / (wanted_speedup * error),  error = predicted_speedup / measured_speedup
+    budget_s = network_s / (wanted_speedup * correction),  correction = predicted_speedup / measured_speedup
 
-so a table that is optimistic by 10% asks the next step for 10% more predicted speedup.
+so a table that is optimistic by 10% asks the next step for 10% more predicted speedup (the
+correction is clipped to [1/2, 2] per step: one disturbed measurement must not derail the run).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from compresslight.callbacks.structural_edit import StructuralCompressionCallback
 
 log = logging.getLogger(__name__)
+
+MAX_CORRECTION = 2.0
 
 
 class LatencyBudget:
@@ -101,7 +104,7 @@ class LatencyBudget:
         self.ignored_layers = ignored_layers
         self.table: LatencyTable | None = None
         self.baseline: nn.Module | None = None
-        self.error = 1.0  # predicted / measured speedup of the last step
+        self.correction = 1.0  # predicted / measured speedup of the last step, clipped
         self.history: list[dict[str, Any]] = []
 
     @property
@@ -162,7 +165,7 @@ class LatencyBudget:
         target = callback.target_module(pl_module)
         inputs = find_example_inputs(trainer, pl_module)
         wanted = self.speedup**goal
-        budget_s = table.network_dense_s / (wanted * self.error)
+        budget_s = table.network_dense_s / (wanted * self.correction)
         allocation: Allocation | None = None
         if trainer.is_global_zero:
             problem = BudgetProblem.from_model(
@@ -173,7 +176,7 @@ class LatencyBudget:
                 log.warning(
                     "Latency budget %.3f ms (corrected by the measured error %.3f) is below the minimum reachable "
                     "%.3f ms: pruning to the minimum.",
-                    budget_s * 1e3, self.error, minimum_s * 1e3,
+                    budget_s * 1e3, self.correction, minimum_s * 1e3,
                 )  # fmt: skip
                 budget_s = minimum_s
             allocation = allocate(problem, budget_s, method=self.allocation)
@@ -203,7 +206,12 @@ class LatencyBudget:
             )
         measured_speedup, rounds = trainer.strategy.broadcast(measured, src=0)
         predicted_speedup = table.network_dense_s / predicted_s
-        self.error = predicted_speedup / measured_speedup
+        error = predicted_speedup / measured_speedup
+        # One disturbed measurement on a shared machine must not derail the schedule: correct by
+        # at most a factor MAX_CORRECTION per step (logged when it binds).
+        self.correction = min(max(error, 1 / MAX_CORRECTION), MAX_CORRECTION)
+        if self.correction != error:
+            log.warning("Prediction error %.3f clipped to %.3f for the next step's budget.", error, self.correction)
         entry = {
             "epoch": trainer.current_epoch,
             "wanted_speedup": wanted,
@@ -212,7 +220,8 @@ class LatencyBudget:
             "predicted_speedup": predicted_speedup,
             "measured_speedup": measured_speedup,
             "measured_rounds": rounds,
-            "prediction_error": self.error,
+            "prediction_error": error,
+            "correction": self.correction,
             "removed_blocks": list(allocation.removed_blocks),
             "kept": dict(allocation.kept),
             "allocation": allocation.method,
@@ -248,8 +257,8 @@ class LatencyBudget:
         (log_dir / "latency_budget.json").write_text(json.dumps(summary, indent=1))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"error": self.error, "history": list(self.history)}
+        return {"correction": self.correction, "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.error = float(state.get("error", 1.0))
+        self.correction = float(state.get("correction", 1.0))
         self.history = list(state.get("history", []))
