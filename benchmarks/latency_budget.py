@@ -40,9 +40,9 @@ from compresslight.compression.depth import remove_blocks
 from compresslight.compression.latency_table import LatencyTable
 from compresslight.compression.pruning import prune_filters
 from compresslight.compression.record import CompressionRecord
-from compresslight.compression.runtime_model import RuntimeEnvironment, _latency
+from compresslight.compression.runtime_model import RuntimeEnvironment, _runner
 from compresslight.profiling.counting import count_macs
-from compresslight.profiling.timing import num_threads
+from compresslight.profiling.timing import measure_latency, num_threads
 
 
 def main() -> None:
@@ -69,7 +69,9 @@ def main() -> None:
         base = load_compressed_checkpoint(base, args.init_from)
     baseline = base.model.eval()
     x = torch.randn(1, 3, 32, 32)
-    table_path = args.table or f"runs/latency_tables/{args.arch}_onnxruntime_b1_t{args.threads}_g{args.grid_points}.json"
+    table_path = (
+        args.table or f"runs/latency_tables/{args.arch}_onnxruntime_b1_t{args.threads}_g{args.grid_points}.json"
+    )
     table = LatencyTable.load_or_build(
         table_path, baseline, x, backend="onnxruntime", batch_size=1, threads=args.threads,
         grid_points=args.grid_points, iters=args.iters, statistic="min",
@@ -79,18 +81,36 @@ def main() -> None:
     for speedup in args.speedups:
         budget_s = table.network_dense_s / speedup
         latency_model, records = pruned(baseline, x, table, budget_s, remove=True)
-        rows[f"(c) latency {speedup:g}x"] = (latency_model, records, table.network_dense_s / table.predict_model(latency_model))
+        rows[f"(c) latency {speedup:g}x"] = (
+            latency_model,
+            records,
+            table.network_dense_s / table.predict_model(latency_model),
+        )
         flops_model, records = pruned(baseline, x, macs, macs.network_dense_s / speedup, remove=False)
-        rows[f"(b) FLOPs {speedup:g}x"] = (flops_model, records, table.network_dense_s / table.predict_model(flops_model))
+        rows[f"(b) FLOPs {speedup:g}x"] = (
+            flops_model,
+            records,
+            table.network_dense_s / table.predict_model(flops_model),
+        )
         uniform_model, records = uniform(baseline, x, table, budget_s)
-        rows[f"(a) uniform {speedup:g}x"] = (uniform_model, records, table.network_dense_s / table.predict_model(uniform_model))
+        rows[f"(a) uniform {speedup:g}x"] = (
+            uniform_model,
+            records,
+            table.network_dense_s / table.predict_model(uniform_model),
+        )
 
     top1 = fine_tune_and_evaluate(rows, args) if args.data_dir else {}
     measured = measure_in_rounds({name: model for name, (model, _, _) in rows.items()}, args)
     base_macs = count_macs(baseline, x)[0]
-    print(f"\n{args.arch}, ONNX Runtime float and torch eager, batch 1, {args.threads} thread(s); {args.rounds} alternating rounds,")
-    print(f"median of per-round speedups [range]; 1-minute load average at the end {os.getloadavg()[0]:.1f}; table {table_path}\n")
-    print("| model | params | MMACs | theoretical | predicted (table) | ORT measured | ORT obs/theor | torch measured | top-1 |")
+    print(
+        f"\n{args.arch}, ONNX Runtime float and torch eager, batch 1, {args.threads} thread(s); {args.rounds} alternating rounds,"
+    )
+    print(
+        f"median of per-round speedups [range]; 1-minute load average at the end {os.getloadavg()[0]:.1f}; table {table_path}\n"
+    )
+    print(
+        "| model | params | MMACs | theoretical | predicted (table) | ORT measured | ORT obs/theor | torch measured | top-1 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (model, _, predicted) in rows.items():
         model_macs = count_macs(model, x)[0]
@@ -168,11 +188,15 @@ def measure_in_rounds(models: dict[str, nn.Module], args: argparse.Namespace) ->
     ratios: dict[str, dict[str, list[float]]] = {name: {"onnxruntime": [], "torch": []} for name in models}
     for backend in ("onnxruntime", "torch"):
         environment = RuntimeEnvironment.current(
-            backend=backend, device="cpu", threads=args.threads, batch_size=1, warmup=5, iters=args.iters, statistic="median"
+            backend=backend, device="cpu", threads=args.threads, batch_size=1, warmup=5, iters=args.iters,
+            statistic="median",
         )  # fmt: skip
         with num_threads(args.threads):
+            runners = {
+                name: _runner(model, [1, 3, 32, 32], environment, torch.device("cpu")) for name, model in models.items()
+            }
             for _ in range(args.rounds):
-                seconds = {name: _latency(model, [1, 3, 32, 32], environment, torch.device("cpu")) for name, model in models.items()}
+                seconds = {name: measure_latency(run, iters=args.iters).median_s for name, run in runners.items()}
                 for name in models:
                     ratios[name][backend].append(seconds["baseline"] / seconds[name])
     return ratios

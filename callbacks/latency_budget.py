@@ -227,7 +227,10 @@ class LatencyBudget:
             "allocation": allocation.method,
         }
         self.history.append(entry)
-        metrics = {f"compression/latency/{key}": float(entry[key]) for key in ("wanted_speedup", "predicted_speedup", "measured_speedup", "prediction_error")}
+        metrics = {
+            f"compression/latency/{key}": float(entry[key])
+            for key in ("wanted_speedup", "predicted_speedup", "measured_speedup", "prediction_error")
+        }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         log.info(

@@ -22,7 +22,15 @@ from compresslight.compression.runtime_model import RuntimeEnvironment
 from compresslight.registry import create_model
 from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
 
-TINY_TABLE = dict(backend="torch", batch_size=1, threads=1, grid_points=2, warmup=5, iters=2, statistic="min")
+TINY_TABLE = {
+    "backend": "torch",
+    "batch_size": 1,
+    "threads": 1,
+    "grid_points": 2,
+    "warmup": 5,
+    "iters": 2,
+    "statistic": "min",
+}
 
 
 def environment() -> RuntimeEnvironment:
@@ -34,7 +42,10 @@ def environment() -> RuntimeEnvironment:
 # --- latency tables ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("channels", "points", "grid"), [(64, 8, [8, 16, 24, 32, 40, 48, 56, 64]), (3, 8, [1, 2, 3]), (10, 4, [1, 4, 7, 10])])
+@pytest.mark.parametrize(
+    ("channels", "points", "grid"),
+    [(64, 8, [8, 16, 24, 32, 40, 48, 56, 64]), (3, 8, [1, 2, 3]), (10, 4, [1, 4, 7, 10])],
+)
 def test_channel_grid_counts_down_from_the_full_width(channels, points, grid):
     assert channel_grid(channels, points) == grid
 
@@ -82,6 +93,17 @@ def test_table_is_reused_only_in_the_same_environment(tmp_path, caplog):
     other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1)).eval()
     reason = table.mismatch(other, inputs, table.environment, 2)
     assert reason is not None and "architecture differs" in reason
+
+
+@pytest.mark.slow  # the whole network's ONNX export (torch.export) takes from 10 s to minutes on a busy machine
+def test_onnxruntime_table_times_hand_built_layer_graphs():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+    table = LatencyTable.build(model.eval(), torch.randn(1, 3, 6, 6), **{**TINY_TABLE, "backend": "onnxruntime"})
+    conv = table.layers["0"]
+    assert conv.norm and conv.in_grid == [1, 3] and conv.out_grid == [4, 8]
+    assert all(seconds > 0 for row in conv.latencies_s for seconds in row)
+    assert table.layers["4"].out_grid == [5]  # a linear layer's outputs are the model's: not a width to choose
+    assert table.environment.onnxruntime_version is not None
 
 
 def test_table_load_errors(tmp_path):
@@ -273,10 +295,10 @@ def scripted_table(tmp_path):
 
 
 def latency_callback(path, **kwargs):
-    options = dict(
-        target_speedup=1.8, epochs=[0, 1], latency_backend="torch", latency_table=str(path),
-        latency_grid_points=2, latency_iters=2, measure_rounds=1,
-    )  # fmt: skip
+    options = {
+        "target_speedup": 1.8, "epochs": [0, 1], "latency_backend": "torch", "latency_table": str(path),
+        "latency_grid_points": 2, "latency_iters": 2, "measure_rounds": 1,
+    }  # fmt: skip
     options.update(kwargs)
     return PruningCallback(**options)
 
@@ -290,7 +312,9 @@ def test_callback_reaches_a_target_in_steps_and_replays_from_its_checkpoint(tmp_
     assert pruning.latency_budget.table.network_dense_s == table.network_dense_s  # reused, not measured again
     history = pruning.latency_budget.history
     assert len(history) == 2
-    assert history[0]["wanted_speedup"] == pytest.approx(1.8**0.5) and history[1]["wanted_speedup"] == pytest.approx(1.8)
+    assert history[0]["wanted_speedup"] == pytest.approx(1.8**0.5) and history[1]["wanted_speedup"] == pytest.approx(
+        1.8
+    )
     for step in history:
         assert step["predicted_ms"] <= step["budget_ms"] * (1 + 1e-9)
         assert step["measured_speedup"] > 0 and step["prediction_error"] == pytest.approx(
@@ -300,7 +324,9 @@ def test_callback_reaches_a_target_in_steps_and_replays_from_its_checkpoint(tmp_
     correction = min(max(history[0]["prediction_error"], 0.5), 2.0)
     assert history[0]["correction"] == pytest.approx(correction)
     assert history[1]["budget_ms"] == pytest.approx(table.network_dense_s * 1e3 / (1.8 * correction))
-    assert table.predict_model(model.model) <= max(table.network_dense_s / (1.8 * correction), history[0]["predicted_ms"] / 1e3) * (1 + 1e-9)
+    assert table.predict_model(model.model) <= max(
+        table.network_dense_s / (1.8 * correction), history[0]["predicted_ms"] / 1e3
+    ) * (1 + 1e-9)
     kinds = [record.kind for record in model.compression_records]
     assert set(kinds) <= {"remove_blocks", "prune_channels"} and kinds
     summary = json.loads((tmp_path / "latency_budget.json").read_text())
@@ -316,7 +342,9 @@ def test_callback_reaches_a_target_in_steps_and_replays_from_its_checkpoint(tmp_
 def test_callback_refuses_an_unreachable_target_before_training(tmp_path):
     path, _ = scripted_table(tmp_path)
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[latency_callback(path, target_speedup=50.0)])
-    with pytest.raises(ValueError, match=r"`target_speedup`=50.0 cannot be reached: the minimum reachable .* speedup of"):
+    with pytest.raises(
+        ValueError, match=r"`target_speedup`=50.0 cannot be reached: the minimum reachable .* speedup of"
+    ):
         trainer.fit(classifier(), *tiny_loaders())
 
 
@@ -342,6 +370,9 @@ def test_step_ratios_name_a_surviving_layer_of_each_group():
     problem = star_problem(seed=0)  # only for the Allocation type
     allocation = problem._allocation(problem.current(), 1.0, "dp")
     allocation.kept = {"layer2.0.conv2": 16, "layer2.0.conv1": 0}
-    allocation.group_layers = {"layer2.0.conv2": ["layer2.0.conv2", "layer2.1.conv2"], "layer2.0.conv1": ["layer2.0.conv1"]}
+    allocation.group_layers = {
+        "layer2.0.conv2": ["layer2.0.conv2", "layer2.1.conv2"],
+        "layer2.0.conv1": ["layer2.0.conv1"],
+    }
     remove_blocks(model, ["layer2.0"])
     assert step_ratios(model, allocation) == {"layer2.1.conv2": pytest.approx(1 - 16.5 / 32)}

@@ -178,7 +178,9 @@ class BudgetProblem:
         # `_analyze` is where `prune_filters` finds the output layers; the same rule applies here.
         output_layers = _analyze(work, inputs, ignored).output_layers
         names = {module: name for name, module in work.named_modules()}
-        excluded = [sub for module in [*ignored, *(work.get_submodule(n) for n in output_layers)] for sub in module.modules()]
+        excluded = [
+            sub for module in [*ignored, *(work.get_submodule(n) for n in output_layers)] for sub in module.modules()
+        ]
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(work, example_inputs=inputs, verbose=False)
         importance = tp.importance.MagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
@@ -205,7 +207,9 @@ class BudgetProblem:
             name = out_layers[0]
             channels = _widths(work.get_submodule(name))[1]
             if len(scores) != channels:
-                raise ValueError(f"torch-pruning scored {len(scores)} channels of group {name!r}, which has {channels}.")
+                raise ValueError(
+                    f"torch-pruning scored {len(scores)} channels of group {name!r}, which has {channels}."
+                )
             block = _inside_of(blocks, out_layers, in_layers, names.values())
             grid = table.layers[name].out_grid if name in table.layers else [channels]
             candidates = sorted({c for c in grid if c < channels} | {channels} | ({0} if block else set()))
@@ -244,7 +248,9 @@ class BudgetProblem:
             if name in gone:
                 continue
             width_in = kept.get(coupling.in_group, coupling.in_channels) if coupling.in_group else coupling.in_channels
-            width_out = kept.get(coupling.out_group, coupling.out_channels) if coupling.out_group else coupling.out_channels
+            width_out = (
+                kept.get(coupling.out_group, coupling.out_channels) if coupling.out_group else coupling.out_channels
+            )
             widths[name] = (width_in, width_out)
         return self.table.predict_s(widths, removed)
 
@@ -443,9 +449,12 @@ def allocate(
         used = "dp"
         greedy_kept = problem.greedy(budget_s) if method == "auto" else None
         # The DP is exact on the discretised problem; the greedy can still win by the rounding.
-        if greedy_kept is not None and problem.latency_s(greedy_kept) <= budget_s:
-            if problem.importance(greedy_kept) > problem.importance(kept):
-                kept, used = greedy_kept, "greedy"
+        if (
+            greedy_kept is not None
+            and problem.latency_s(greedy_kept) <= budget_s
+            and problem.importance(greedy_kept) > problem.importance(kept)
+        ):
+            kept, used = greedy_kept, "greedy"
     allocation = problem._allocation(kept, budget_s, used)
     log.info(
         "latency budget %.3f ms: predicted %.3f ms (from %.3f), importance kept %.1f%%, %d blocks removed (%s)",

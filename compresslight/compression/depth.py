@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from compresslight.compression.record import CompressionRecord, register_record
 
-__all__ = ["BlockRemovalRecord", "ShortcutBlock", "remove_blocks", "removable_blocks"]
+__all__ = ["BlockRemovalRecord", "ShortcutBlock", "removable_blocks", "remove_blocks"]
 
 # Attribute names a residual block's shortcut goes by: `shortcut` (CIFAR ResNets), `downsample`
 # (torchvision's BasicBlock, None when it is the identity).

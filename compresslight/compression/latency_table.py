@@ -30,17 +30,17 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from compresslight.compression.depth import ShortcutBlock, removable_blocks
-from compresslight.compression.runtime_model import BACKENDS, STATISTICS, RuntimeEnvironment, _latency
-from compresslight.profiling.backends import validate_backends
+from compresslight.compression.runtime_model import BACKENDS, STATISTICS, RuntimeEnvironment, _latency, _runner
+from compresslight.profiling.backends import _import_onnxruntime, validate_backends
 from compresslight.profiling.environment import resolve_device
-from compresslight.profiling.timing import num_threads
+from compresslight.profiling.timing import measure_latency, num_threads
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,11 @@ class LatencyTable:
             raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
         device = resolve_device(device)
         validate_backends(backend, device)
-        for name, value, minimum in (("batch_size", batch_size, 1), ("threads", threads, 1), ("grid_points", grid_points, 2)):
+        for name, value, minimum in (
+            ("batch_size", batch_size, 1),
+            ("threads", threads, 1),
+            ("grid_points", grid_points, 2),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
         if statistic not in STATISTICS:
@@ -197,7 +201,13 @@ class LatencyTable:
                 for in_channels in in_grid:
                     row = []
                     for out_channels in out_grid:
-                        key = {"config": config, "size": input_size, "norm": norm, "in": in_channels, "out": out_channels}
+                        key = {
+                            "config": config,
+                            "size": input_size,
+                            "norm": norm,
+                            "in": in_channels,
+                            "out": out_channels,
+                        }
                         module = _resized(layer, in_channels, out_channels, norm)
                         row.append(timed(key, module, [batch_size, in_channels, *input_size]))
                     rows.append(row)
@@ -247,13 +257,17 @@ class LatencyTable:
         """
         # A removed block's layers are gone from the model; its shortcut's keep their names.
         widths = {
-            name: _widths(module) for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))
+            name: _widths(module)
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.Conv2d, nn.Linear))
         }
         return self.predict_s(widths, _removed(model))
 
     # ---------------------------------------------------------------- compatibility
 
-    def mismatch(self, model: nn.Module, example_inputs: torch.Tensor, environment: RuntimeEnvironment, grid_points: int) -> str | None:
+    def mismatch(
+        self, model: nn.Module, example_inputs: torch.Tensor, environment: RuntimeEnvironment, grid_points: int
+    ) -> str | None:
         """Why this table does not price `model` in `environment`, or None if it does."""
         wanted = dataclasses.asdict(environment)
         recorded = dataclasses.asdict(self.environment)
@@ -292,7 +306,9 @@ class LatencyTable:
             ValueError: for another format version or missing fields.
         """
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"Latency table `format_version` must be {FORMAT_VERSION}, got {data.get('format_version')!r}.")
+            raise ValueError(
+                f"Latency table `format_version` must be {FORMAT_VERSION}, got {data.get('format_version')!r}."
+            )
         try:
             return cls(
                 layers={name: LayerTable(**table) for name, table in data["layers"].items()},
@@ -428,6 +444,81 @@ def _resized(layer: nn.Module, in_channels: int, out_channels: int, norm: bool) 
     return nn.Sequential(conv, nn.BatchNorm2d(out_channels)) if norm else conv
 
 
+def _cell_latency(
+    layer: nn.Module,
+    in_channels: int,
+    out_channels: int,
+    norm: bool,
+    shape: list[int],
+    environment: RuntimeEnvironment,
+    device: torch.device,
+) -> float:
+    """Seconds of one forward of `layer` at these widths (with its BatchNorm) in `environment`."""
+    if environment.backend == "onnxruntime" and _direct_onnx(layer):
+        run = _onnx_layer_runner(layer, in_channels, out_channels, norm, shape, environment.threads)
+        stats = measure_latency(run, device="cpu", warmup=environment.warmup, iters=environment.iters)
+        return stats.min_s if environment.statistic == "min" else stats.median_s
+    return _latency(_resized(layer, in_channels, out_channels, norm), shape, environment, device)
+
+
+def _direct_onnx(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or (
+        isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
+    )
+
+
+def _onnx_layer_runner(
+    layer: nn.Module, in_channels: int, out_channels: int, norm: bool, shape: list[int], threads: int
+) -> Callable[[], Any]:
+    """An ONNX Runtime session of one conv or linear layer, built with `onnx.helper`.
+
+    Hand-built rather than exported: `torch.onnx.export` takes seconds per call and a table needs
+    hundreds of cells. The graph is what ONNX Runtime runs for the exported network's layer: its
+    optimizer folds the BatchNorm into the convolution's weights and bias, so a normed (or biased)
+    layer is a Conv with a bias.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    ort = _import_onnxruntime()
+    generator = np.random.default_rng(0)
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)]
+    biased = norm or layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        weight = generator.standard_normal((out_channels, in_channels), dtype=np.float32)
+        names = ["input", "weight", *(["bias"] if biased else [])]
+        node = helper.make_node("Gemm", names, ["output"], transB=1)
+    else:
+        groups = layer.groups if layer.groups == 1 else in_channels  # depthwise stays depthwise
+        weight = generator.standard_normal((out_channels, in_channels // groups, *layer.kernel_size), dtype=np.float32)
+        names = ["input", "weight", *(["bias"] if biased else [])]
+        padding = list(layer.padding)
+        node = helper.make_node(
+            "Conv", names, ["output"], kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+            pads=padding + padding, dilations=list(layer.dilation), group=groups,
+        )  # fmt: skip
+    initializers = [numpy_helper.from_array(weight, "weight")]
+    if biased:
+        initializers.append(numpy_helper.from_array(generator.standard_normal(out_channels, dtype=np.float32), "bias"))
+    outputs = [
+        helper.make_tensor_value_info(
+            "output", TensorProto.FLOAT, [shape[0], out_channels, *([None] * (len(shape) - 2))]
+        )
+    ]
+    graph = helper.make_graph([node], "layer", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)  # readable by older ONNX Runtime releases too
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"input": generator.standard_normal(shape, dtype=np.float32)}
+    return lambda: session.run(None, feed)
+
+
 class _Join(nn.Module):
     """The elementwise work of a residual block besides its layers: an activation and the add."""
 
@@ -456,10 +547,15 @@ def measure_speedup(
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"`rounds` must be an int >= 1, got {rounds!r}.")
     device = resolve_device(environment.device)
+    timing_device = device if environment.backend == "torch" else torch.device("cpu")
     ratios = []
     with num_threads(environment.threads):
+        # Export / copy each model once; the rounds only time.
+        runners = [_runner(module, input_shape, environment, device) for module in (baseline, model)]
         for _ in range(rounds):
-            base_s = _latency(baseline, input_shape, environment, device)
-            model_s = _latency(model, input_shape, environment, device)
-            ratios.append(base_s / model_s)
+            seconds = []
+            for run in runners:
+                stats = measure_latency(run, device=timing_device, warmup=environment.warmup, iters=environment.iters)
+                seconds.append(stats.min_s if environment.statistic == "min" else stats.median_s)
+            ratios.append(seconds[0] / seconds[1])
     return statistics.median(ratios), ratios
