@@ -182,7 +182,9 @@ class BudgetProblem:
             sub for module in [*ignored, *(work.get_submodule(n) for n in output_layers)] for sub in module.modules()
         ]
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(work, example_inputs=inputs, verbose=False)
+            graph = tp.DependencyGraph().build_dependency(
+                work, example_inputs=inputs, verbose=False, customized_pruners=_customized_pruners()
+            )
         importance = tp.importance.MagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
         layer_types = (nn.Conv2d, nn.Linear)
         blocks = removable_blocks(work) if remove_blocks else []
@@ -488,6 +490,14 @@ def step_ratios(model: nn.Module, allocation: Allocation) -> dict[str, float]:
 def _literal_pattern(name: str) -> str:
     """`name` as an fnmatch pattern matching only itself."""
     return "".join(f"[{char}]" if char in "*?[" else char for char in name)
+
+
+def _customized_pruners() -> dict[type[nn.Module], Any]:
+    """The torch-pruning handlers `prune_filters` traces with (e.g. for the option-A zero-pad
+    shortcut), so both see the same groups."""
+    from compresslight.compression import pruning
+
+    return dict(getattr(pruning, "_CUSTOMIZED_PRUNERS", {}))
 
 
 def _inside_of(
