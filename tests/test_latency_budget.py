@@ -97,7 +97,9 @@ def test_table_is_reused_only_in_the_same_environment(tmp_path, caplog):
 
 @pytest.mark.slow  # the whole network's ONNX export (torch.export) takes from 10 s to minutes on a busy machine
 def test_onnxruntime_table_times_hand_built_layer_graphs():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5)
+    )
     table = LatencyTable.build(model.eval(), torch.randn(1, 3, 6, 6), **{**TINY_TABLE, "backend": "onnxruntime"})
     conv = table.layers["0"]
     assert conv.norm and conv.in_grid == [1, 3] and conv.out_grid == [4, 8]
@@ -193,9 +195,9 @@ def test_dp_is_exact_and_greedy_close_on_small_cases():
         assert dp.importance_kept <= optimum + 1e-9 and greedy.importance_kept <= optimum + 1e-9
         dp_gaps.append(1 - dp.importance_kept / optimum)
         greedy_gaps.append(1 - greedy.importance_kept / optimum)
-    assert max(dp_gaps) < 0.02
-    # The greedy is not exact (a knapsack), but close: within 10% on every case, 3% on average.
-    assert max(greedy_gaps) < 0.10 and np.mean(greedy_gaps) < 0.03, greedy_gaps
+    assert max(dp_gaps) < 0.01
+    # The greedy is not exact (a knapsack), but close: measured max 1.6%, mean 0.3% on these cases.
+    assert max(greedy_gaps) < 0.05 and np.mean(greedy_gaps) < 0.01, greedy_gaps
 
 
 def test_auto_takes_the_better_of_dp_and_greedy():

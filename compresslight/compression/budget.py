@@ -288,15 +288,18 @@ class BudgetProblem:
         while latency > budget_s:
             best: tuple[float, str, int, float] | None = None
             for name, group in self.groups.items():
-                lower = [c for c in group.candidates if c < kept[name]]
-                for width in reversed(lower):  # the nearest candidate that is faster
-                    trial = {**kept, name: width}
-                    saved = latency - self.latency_s(trial)
-                    if saved > 0:
-                        cost = (group.importance(kept[name]) - group.importance(width)) / saved
-                        if best is None or cost < best[0]:
-                            best = (cost, name, width, latency - saved)
-                        break
+                # The nearest narrower candidate that is faster, and removing the block outright:
+                # a block's overhead only goes with the whole block, which single steps do not see.
+                narrower = [c for c in reversed(group.candidates) if 0 < c < kept[name]]
+                removal = [0] if group.block is not None and kept[name] > 0 else []
+                for widths in (narrower, removal):
+                    for width in widths:
+                        saved = latency - self.latency_s({**kept, name: width})
+                        if saved > 0:
+                            cost = (group.importance(kept[name]) - group.importance(width)) / saved
+                            if best is None or cost < best[0]:
+                                best = (cost, name, width, latency - saved)
+                            break
             if best is None:
                 break  # nothing left to remove: the caller checked the minimum
             _, name, width, latency = best
