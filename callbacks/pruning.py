@@ -69,8 +69,8 @@ class PruningCallback(StructuralCompressionCallback):
             pruning, `compresslight.compression.budget`): each of `epochs` is a step toward it
             (`targets` as fractions of the log-speedup), every group's width and which residual
             blocks to remove chosen on a latency table measured on this machine.
-        target_latency_ms: the same, as a latency of the unpruned model's measured one (either this
-            or `target_speedup`).
+        target_latency_ms: the target as a latency instead (a speedup over the unpruned model's
+            latency measured for the table); give this or `target_speedup`.
         latency_backend: "torch" or "onnxruntime": where the latency is measured.
         latency_batch_size: batch size of the latency measurements.
         latency_threads: CPU threads of the latency measurements.

@@ -341,6 +341,25 @@ def test_callback_reaches_a_target_in_steps_and_replays_from_its_checkpoint(tmp_
         torch.testing.assert_close(reloaded(x), model.eval()(x))
 
 
+def test_callback_resumes_after_a_step_without_pruning_again(tmp_path):
+    path, _ = scripted_table(tmp_path)
+    first = latency_callback(path)
+    model = classifier()
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[first])
+    trainer.fit(model, *tiny_loaders())
+    checkpoint = tmp_path / "after_step_one.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    second = latency_callback(path)
+    resumed = classifier()
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[second])
+    trainer.fit(resumed, *tiny_loaders(), ckpt_path=checkpoint)
+    history = second.latency_budget.history
+    assert [step["epoch"] for step in history] == [0, 1]  # restored, then the second step only
+    assert history[0] == first.latency_budget.history[0]
+    first_records = [record.to_dict() for record in model.compression_records]
+    assert [record.to_dict() for record in resumed.compression_records][: len(first_records)] == first_records
+
+
 def test_callback_refuses_an_unreachable_target_before_training(tmp_path):
     path, _ = scripted_table(tmp_path)
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[latency_callback(path, target_speedup=50.0)])
