@@ -182,12 +182,6 @@ class LatencyTable:
         cache: dict[str, float] = {}
         started = time.perf_counter()
 
-        def timed(key: dict[str, Any], module: nn.Module, shape: list[int]) -> float:
-            text = json.dumps(key, sort_keys=True)
-            if text not in cache:
-                cache[text] = _latency(module, shape, environment, device)
-            return cache[text]
-
         layers: dict[str, LayerTable] = {}
         with num_threads(threads):
             for name, (layer, input_size, norm) in trace.layers.items():
@@ -208,14 +202,23 @@ class LatencyTable:
                             "in": in_channels,
                             "out": out_channels,
                         }
-                        module = _resized(layer, in_channels, out_channels, norm)
-                        row.append(timed(key, module, [batch_size, in_channels, *input_size]))
+                        shape = [batch_size, in_channels, *input_size]
+                        text = json.dumps(key, sort_keys=True)
+                        if text not in cache:
+                            cache[text] = _cell_latency(
+                                layer, in_channels, out_channels, norm, shape, environment, device
+                            )
+                        row.append(cache[text])
                     rows.append(row)
                 layers[name] = LayerTable(config, input_size, norm, in_grid, out_grid, rows)
             overheads = {}
             for name, output_shape in trace.block_outputs.items():
                 key = {"join": output_shape[1:]}
-                overheads[name] = timed(key, _Join(), [batch_size, *output_shape[1:]])
+                shape = [batch_size, *output_shape[1:]]
+                text = json.dumps(key, sort_keys=True)
+                if text not in cache:
+                    cache[text] = _join_latency(shape, environment, device)
+                overheads[name] = cache[text]
             input_shape = [batch_size, *example_inputs.shape[1:]]
             network_dense_s = _latency(model, input_shape, environment, device)
         log.info(
@@ -461,6 +464,23 @@ def _cell_latency(
     return _latency(_resized(layer, in_channels, out_channels, norm), shape, environment, device)
 
 
+def _join_latency(shape: list[int], environment: RuntimeEnvironment, device: torch.device) -> float:
+    """Seconds of a residual block's join (`relu(x) + x`) at `shape` in `environment`."""
+    if environment.backend == "onnxruntime":
+        from onnx import TensorProto, helper
+
+        nodes = [
+            helper.make_node("Relu", ["input"], ["active"]),
+            helper.make_node("Add", ["active", "input"], ["output"]),
+        ]
+        value = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("input", "output")]
+        graph = helper.make_graph(nodes, "join", value[:1], value[1:])
+        run = _onnx_graph_runner(graph, shape, environment.threads)
+        stats = measure_latency(run, device="cpu", warmup=environment.warmup, iters=environment.iters)
+        return stats.min_s if environment.statistic == "min" else stats.median_s
+    return _latency(_Join(), shape, environment, device)
+
+
 def _direct_onnx(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) or (
         isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
@@ -477,10 +497,8 @@ def _onnx_layer_runner(
     optimizer folds the BatchNorm into the convolution's weights and bias, so a normed (or biased)
     layer is a Conv with a bias.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    ort = _import_onnxruntime()
     generator = np.random.default_rng(0)
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)]
     biased = norm or layer.bias is not None
@@ -506,6 +524,16 @@ def _onnx_layer_runner(
         )
     ]
     graph = helper.make_graph([node], "layer", inputs, outputs, initializer=initializers)
+    return _onnx_graph_runner(graph, shape, threads)
+
+
+def _onnx_graph_runner(graph: Any, shape: list[int], threads: int) -> Callable[[], Any]:
+    """A session of a hand-built graph with one float input `input` of `shape` (settings as
+    `compresslight.profiling.backends.onnxruntime_runner`)."""
+    import onnx
+    from onnx import helper
+
+    ort = _import_onnxruntime()
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)  # readable by older ONNX Runtime releases too
     onnx.checker.check_model(model)
@@ -515,7 +543,7 @@ def _onnx_layer_runner(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feed = {"input": generator.standard_normal(shape, dtype=np.float32)}
+    feed = {"input": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
     return lambda: session.run(None, feed)
 
 
