@@ -138,7 +138,10 @@ class PruningCallback(StructuralCompressionCallback):
                 ignored_layers=list(ignored_layers),
             )
         elif amount is None and not ratios:
-            raise ValueError("PruningCallback needs `amount`, `ratios` or a latency target, got none.")
+            raise ValueError(
+                "PruningCallback needs `amount` or `ratios` (or a latency target: `target_speedup`, "
+                "`target_latency_ms`), got none."
+            )
         for name, ratio in {"amount": amount, **{f"ratios[{k!r}]": v for k, v in (ratios or {}).items()}}.items():
             if ratio is not None and not 0 <= ratio < 1:
                 raise ValueError(f"`{name}` must be in [0, 1), got {ratio!r}.")
