@@ -360,6 +360,17 @@ def test_callback_resumes_after_a_step_without_pruning_again(tmp_path):
     assert [record.to_dict() for record in resumed.compression_records][: len(first_records)] == first_records
 
 
+def test_callback_takes_a_target_latency(tmp_path):
+    path, table = scripted_table(tmp_path)
+    target_ms = table.network_dense_s * 1e3 / 1.5
+    pruning = latency_callback(path, target_speedup=None, target_latency_ms=target_ms, epochs=[0])
+    model = classifier()
+    tiny_trainer(tmp_path, max_epochs=1, callbacks=[pruning]).fit(model, *tiny_loaders())
+    (step,) = pruning.latency_budget.history
+    assert step["wanted_speedup"] == pytest.approx(1.5)
+    assert step["predicted_ms"] <= target_ms * (1 + 1e-9)  # the first step has no correction yet
+
+
 def test_callback_refuses_an_unreachable_target_before_training(tmp_path):
     path, _ = scripted_table(tmp_path)
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[latency_callback(path, target_speedup=50.0)])
