@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -341,12 +342,20 @@ def test_callback_reaches_a_target_in_steps_and_replays_from_its_checkpoint(tmp_
         torch.testing.assert_close(reloaded(x), model.eval()(x))
 
 
+class StopAfterFirstEpoch(pl.Callback):
+    """Ends the fit after epoch 0, as an interrupted run would."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
 def test_callback_resumes_after_a_step_without_pruning_again(tmp_path):
     path, _ = scripted_table(tmp_path)
     first = latency_callback(path)
     model = classifier()
-    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[first])
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[first, StopAfterFirstEpoch()])
     trainer.fit(model, *tiny_loaders())
+    assert trainer.current_epoch == 1  # stopped before the second step
     checkpoint = tmp_path / "after_step_one.ckpt"
     trainer.save_checkpoint(checkpoint)
     second = latency_callback(path)
@@ -373,7 +382,7 @@ def test_callback_takes_a_target_latency(tmp_path):
 
 def test_callback_refuses_an_unreachable_target_before_training(tmp_path):
     path, _ = scripted_table(tmp_path)
-    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[latency_callback(path, target_speedup=50.0)])
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[latency_callback(path, target_speedup=50.0, epochs=[0])])
     with pytest.raises(
         ValueError, match=r"`target_speedup`=50.0 cannot be reached: the minimum reachable .* speedup of"
     ):
