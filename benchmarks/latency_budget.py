@@ -8,9 +8,10 @@ For each target speedup, three pruned copies of one baseline:
   instead of latency, no block removal, budget = MACs / target;
 - (c) latency-targeted: the allocation priced by the measured latency table, with block removal.
 
-Then every model, the baseline included, is measured in alternating rounds (ONNX Runtime and
-torch eager, batch 1, `--threads`): the speedup of a round is the baseline's latency over the
-model's in that round, and the table shows the median of the rounds (and their range). With
+Then every model, the baseline included, is measured side by side (`compare_models`: alternating
+rounds, ONNX Runtime and torch eager, batch 1, `--threads`): the speedup of a round is the
+baseline's latency over the model's in that round; the table shows their geometric mean, its 95%
+bootstrap interval and the verdict. With
 `--data_dir` every model is fine-tuned for `--epochs` (the same schedule for all) and evaluated.
 
     python benchmarks/latency_budget.py --quick                 # ResNet20, random weights, no training
@@ -26,7 +27,6 @@ import argparse
 import copy
 import logging
 import os
-import statistics
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -40,9 +40,8 @@ from compresslight.compression.depth import remove_blocks
 from compresslight.compression.latency_table import LatencyTable
 from compresslight.compression.pruning import prune_filters
 from compresslight.compression.record import CompressionRecord
-from compresslight.compression.runtime_model import RuntimeEnvironment, _runner
 from compresslight.profiling.counting import count_macs
-from compresslight.profiling.timing import measure_latency, num_threads
+from compresslight.profiling.side_by_side import PairedSpeedup, SideBySide, compare_models
 
 
 def main() -> None:
@@ -106,7 +105,8 @@ def main() -> None:
         f"\n{args.arch}, ONNX Runtime float and torch eager, batch 1, {args.threads} thread(s); {args.rounds} alternating rounds,"
     )
     print(
-        f"median of per-round speedups [range]; 1-minute load average at the end {os.getloadavg()[0]:.1f}; table {table_path}\n"
+        f"geometric mean of per-round speedups [95% interval] verdict; 1-minute load average {os.getloadavg()[0]:.1f}; "
+        f"table {table_path}\n"
     )
     print(
         "| model | params | MMACs | theoretical | predicted (table) | ORT measured | ORT obs/theor | torch measured | top-1 |"
@@ -115,16 +115,16 @@ def main() -> None:
     for name, (model, _, predicted) in rows.items():
         model_macs = count_macs(model, x)[0]
         theoretical = base_macs / model_macs
-        ort, torch_eager = measured[name]["onnxruntime"], measured[name]["torch"]
+        ort, torch_eager = measured.get(name, {}).get("onnxruntime"), measured.get(name, {}).get("torch")
         print(
             f"| {name} | {sum(p.numel() for p in model.parameters()):,} | {model_macs / 1e6:.2f} | {theoretical:.2f}x | "
-            f"{predicted:.2f}x | {fmt(ort)} | {statistics.median(ort) / theoretical:.2f} | {fmt(torch_eager)} | "
+            f"{predicted:.2f}x | {fmt(ort)} | {ort.estimate / theoretical if ort else 1.0:.2f} | {fmt(torch_eager)} | "
             f"{top1.get(name, float('nan')):.4f} |"
         )
 
 
-def fmt(ratios: list[float]) -> str:
-    return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+def fmt(speedup: PairedSpeedup | None) -> str:
+    return "1.00x" if speedup is None else f"{speedup.label()} {speedup.verdict}"
 
 
 def pruned(
@@ -183,23 +183,20 @@ def macs_table(table: LatencyTable) -> LatencyTable:
     return priced
 
 
-def measure_in_rounds(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    """Per-round speedup over the baseline, every model measured once per round per backend."""
-    ratios: dict[str, dict[str, list[float]]] = {name: {"onnxruntime": [], "torch": []} for name in models}
-    for backend in ("onnxruntime", "torch"):
-        environment = RuntimeEnvironment.current(
-            backend=backend, device="cpu", threads=args.threads, batch_size=1, warmup=5, iters=args.iters,
-            statistic="median",
-        )  # fmt: skip
-        with num_threads(args.threads):
-            runners = {
-                name: _runner(model, [1, 3, 32, 32], environment, torch.device("cpu")) for name, model in models.items()
-            }
-            for _ in range(args.rounds):
-                seconds = {name: measure_latency(run, iters=args.iters).median_s for name, run in runners.items()}
-                for name in models:
-                    ratios[name][backend].append(seconds["baseline"] / seconds[name])
-    return ratios
+def measure_in_rounds(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str, dict[str, PairedSpeedup]]:
+    """Every model against the baseline side by side (`compare_models`), ONNX Runtime and torch."""
+    options = SideBySide(
+        iters=args.iters, min_rounds=args.rounds, max_rounds=args.rounds, target_width=None, time_budget_s=None
+    )
+    report = compare_models(
+        models, [3, 32, 32], "baseline", batch_sizes=[1], threads=[args.threads], modes=["inference"],
+        backends=["onnxruntime", "torch"], options=options, progress=False,
+    )  # fmt: skip
+    return {
+        name: {backend: report.find(name, backend=backend) for backend in ("onnxruntime", "torch")}
+        for name in models
+        if name != "baseline"
+    }
 
 
 def fine_tune_and_evaluate(rows: dict, args: argparse.Namespace) -> dict[str, float]:

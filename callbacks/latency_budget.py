@@ -4,7 +4,8 @@ The Trainer side of `compresslight.compression.budget`: measures (or reuses) the
 the unpruned model in `setup` and refuses an unreachable target there; at each scheduled epoch
 allocates widths and removed blocks for that step's budget, applies them through
 `StructuralCompressionCallback.apply_edit` (block removal, then channel pruning: two records),
-then measures the whole model against the unpruned baseline, alternating in rounds, and corrects
+then measures the whole model against the unpruned baseline side by side
+(`compresslight.profiling.side_by_side`: alternating rounds, paired ratios), and corrects
 the next step's budget by the prediction's error:
 
     budget_s = network_s / (wanted_speedup * correction),  correction = predicted_speedup / measured_speedup
@@ -84,7 +85,7 @@ class LatencyBudget:
             "latency_grid_points": grid_points,
         }
         for name, value in counts.items():
-            minimum = 2 if name == "latency_grid_points" else 1
+            minimum = 2 if name in ("latency_grid_points", "measure_rounds") else 1  # an interval needs 2 rounds
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
         self.target_speedup = target_speedup
@@ -204,7 +205,8 @@ class LatencyBudget:
             measured = measure_speedup(
                 self.baseline, target, table.environment, table.input_shape, rounds=self.measure_rounds
             )
-        measured_speedup, rounds = trainer.strategy.broadcast(measured, src=0)
+        measured = trainer.strategy.broadcast(measured, src=0)
+        measured_speedup, rounds = measured.estimate, measured.round_speedups
         predicted_speedup = table.network_dense_s / predicted_s
         error = predicted_speedup / measured_speedup
         # One disturbed measurement on a shared machine must not derail the schedule: correct by
@@ -219,6 +221,8 @@ class LatencyBudget:
             "predicted_ms": predicted_s * 1e3,
             "predicted_speedup": predicted_speedup,
             "measured_speedup": measured_speedup,
+            "measured_interval": [measured.low, measured.high],
+            "measured_verdict": measured.verdict,
             "measured_rounds": rounds,
             "prediction_error": error,
             "correction": self.correction,

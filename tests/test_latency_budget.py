@@ -300,7 +300,7 @@ def scripted_table(tmp_path):
 def latency_callback(path, **kwargs):
     options = {
         "target_speedup": 1.8, "epochs": [0, 1], "latency_backend": "torch", "latency_table": str(path),
-        "latency_grid_points": 2, "latency_iters": 2, "measure_rounds": 1,
+        "latency_grid_points": 2, "latency_iters": 2, "measure_rounds": 2,
     }  # fmt: skip
     options.update(kwargs)
     return PruningCallback(**options)
@@ -398,6 +398,7 @@ def test_callback_refuses_an_unreachable_target_before_training(tmp_path):
         ({"target_speedup": 2.0, "latency_backend": "tvm"}, "`latency_backend` must be one of"),
         ({"target_speedup": 2.0, "allocation": "ilp"}, "`allocation` must be one of"),
         ({"target_speedup": 2.0, "latency_threads": 0}, "`latency_threads` must be an int >= 1"),
+        ({"target_speedup": 2.0, "measure_rounds": 1}, "`measure_rounds` must be an int >= 2"),
         ({}, "needs `amount` or `ratios` \\(or a latency target"),
     ],
 )

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -37,9 +36,10 @@ import torch
 from torch import nn
 
 from compresslight.compression.depth import ShortcutBlock, removable_blocks
-from compresslight.compression.runtime_model import BACKENDS, STATISTICS, RuntimeEnvironment, _latency, _runner
+from compresslight.compression.runtime_model import BACKENDS, STATISTICS, RuntimeEnvironment, _latency
 from compresslight.profiling.backends import _import_onnxruntime, validate_backends
 from compresslight.profiling.environment import resolve_device
+from compresslight.profiling.side_by_side import PairedSpeedup, SideBySide, compare_models
 from compresslight.profiling.timing import measure_latency, num_threads
 
 log = logging.getLogger(__name__)
@@ -575,27 +575,23 @@ def _removed(model: nn.Module) -> list[str]:
 
 def measure_speedup(
     baseline: nn.Module, model: nn.Module, environment: RuntimeEnvironment, input_shape: Sequence[int], rounds: int = 3
-) -> tuple[float, list[float]]:
-    """Measured speedup baseline / model in `environment`, the two alternating in rounds.
-
-    The ratio is taken per round (the machine's speed drifts between rounds on a shared host)
-    and the median of the rounds is returned, with the rounds.
+) -> PairedSpeedup:
+    """Measured inference speedup baseline / model in `environment` (backend, threads, batch size,
+    timing), side by side (`compresslight.profiling.side_by_side`): `rounds` alternating rounds,
+    paired per-round ratios, their geometric mean and bootstrap interval.
 
     Raises:
-        ValueError: if `rounds` < 1.
+        ValueError: if `rounds` < 2 (an interval needs two).
     """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"`rounds` must be an int >= 1, got {rounds!r}.")
-    device = resolve_device(environment.device)
-    timing_device = device if environment.backend == "torch" else torch.device("cpu")
-    ratios = []
-    with num_threads(environment.threads):
-        # Export / copy each model once; the rounds only time.
-        runners = [_runner(module, input_shape, environment, device) for module in (baseline, model)]
-        for _ in range(rounds):
-            seconds = []
-            for run in runners:
-                stats = measure_latency(run, device=timing_device, warmup=environment.warmup, iters=environment.iters)
-                seconds.append(stats.min_s if environment.statistic == "min" else stats.median_s)
-            ratios.append(seconds[0] / seconds[1])
-    return statistics.median(ratios), ratios
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
+        raise ValueError(f"`rounds` must be an int >= 2, got {rounds!r}.")
+    options = SideBySide(
+        warmup=environment.warmup, iters=environment.iters, min_rounds=rounds, max_rounds=rounds,
+        target_width=None, time_budget_s=None,
+    )  # fmt: skip
+    report = compare_models(
+        {"baseline": baseline, "pruned": model}, list(input_shape[1:]), "baseline",
+        batch_sizes=[input_shape[0]], threads=[environment.threads], modes=["inference"],
+        backends=[environment.backend], device=environment.device, options=options, progress=False,
+    )  # fmt: skip
+    return report.results[0].speedup_of("pruned")
