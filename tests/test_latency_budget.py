@@ -104,7 +104,9 @@ def test_onnxruntime_table_times_hand_built_layer_graphs():
     table = LatencyTable.build(model.eval(), torch.randn(1, 3, 6, 6), **{**TINY_TABLE, "backend": "onnxruntime"})
     conv = table.layers["0"]
     assert conv.norm and conv.in_grid == [1, 3] and conv.out_grid == [4, 8]
-    assert all(seconds > 0 for row in conv.latencies_s for seconds in row)
+    # Minus the pass-through session's cost, clipped at 0: a tiny cell may cost no more than a call.
+    cells = [seconds for row in conv.latencies_s for seconds in row]
+    assert all(seconds >= 0 for seconds in cells) and max(cells) > 0
     assert table.layers["4"].out_grid == [5]  # a linear layer's outputs are the model's: not a width to choose
     assert table.environment.onnxruntime_version is not None
 
