@@ -42,7 +42,16 @@ from torch import nn
 
 from compresslight.compression.depth import removable_blocks
 from compresslight.compression.latency_table import LatencyTable, _widths
-from compresslight.compression.pruning import _analyze, _inputs_on, _match_ignored, _traceable_copy
+
+# The helpers with which `prune_filters` traces a model, and its torch-pruning handlers (the option-A
+# zero-pad shortcut): the allocation must see exactly the groups `prune_filters` will prune.
+from compresslight.compression.pruning import (
+    _CUSTOMIZED_PRUNERS,
+    _analyze,
+    _inputs_on,
+    _match_ignored,
+    _traceable_copy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +192,7 @@ class BudgetProblem:
         ]
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
-                work, example_inputs=inputs, verbose=False, customized_pruners=_customized_pruners()
+                work, example_inputs=inputs, verbose=False, customized_pruners=_CUSTOMIZED_PRUNERS
             )
         importance = tp.importance.MagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
         layer_types = (nn.Conv2d, nn.Linear)
@@ -493,14 +502,6 @@ def step_ratios(model: nn.Module, allocation: Allocation) -> dict[str, float]:
 def _literal_pattern(name: str) -> str:
     """`name` as an fnmatch pattern matching only itself."""
     return "".join(f"[{char}]" if char in "*?[" else char for char in name)
-
-
-def _customized_pruners() -> dict[type[nn.Module], Any]:
-    """The torch-pruning handlers `prune_filters` traces with (e.g. for the option-A zero-pad
-    shortcut), so both see the same groups."""
-    from compresslight.compression import pruning
-
-    return dict(getattr(pruning, "_CUSTOMIZED_PRUNERS", {}))
 
 
 def _inside_of(
