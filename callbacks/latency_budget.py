@@ -22,10 +22,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from compresslight import lightning_compat as pl
 from compresslight.callbacks.structural_edit import find_example_inputs
 from compresslight.compression.budget import METHODS, Allocation, BudgetProblem, allocate, step_ratios
 from compresslight.compression.depth import remove_blocks
