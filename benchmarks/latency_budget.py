@@ -102,14 +102,16 @@ def main() -> None:
     measured = measure_in_rounds({name: model for name, (model, _, _) in rows.items()}, args)
     base_macs = count_macs(baseline, x)[0]
     print(
-        f"\n{args.arch}, ONNX Runtime float and torch eager, batch 1, {args.threads} thread(s); {args.rounds} alternating rounds,"
+        f"\n{args.arch}, ONNX Runtime float and torch eager, batch 1, {args.threads} thread(s); "
+        f"{args.rounds} alternating rounds,"
     )
     print(
         f"geometric mean of per-round speedups [95% interval] verdict; 1-minute load average {os.getloadavg()[0]:.1f}; "
         f"table {table_path}\n"
     )
     print(
-        "| model | params | MMACs | theoretical | predicted (table) | ORT measured | ORT obs/theor | torch measured | top-1 |"
+        "| model | params | MMACs | theoretical | predicted (table) | ORT measured | ORT obs/theor "
+        "| torch measured | top-1 |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (model, _, predicted) in rows.items():
@@ -117,7 +119,8 @@ def main() -> None:
         theoretical = base_macs / model_macs
         ort, torch_eager = measured.get(name, {}).get("onnxruntime"), measured.get(name, {}).get("torch")
         print(
-            f"| {name} | {sum(p.numel() for p in model.parameters()):,} | {model_macs / 1e6:.2f} | {theoretical:.2f}x | "
+            f"| {name} | {sum(p.numel() for p in model.parameters()):,} | {model_macs / 1e6:.2f} "
+            f"| {theoretical:.2f}x | "
             f"{predicted:.2f}x | {fmt(ort)} | {ort.estimate / theoretical if ort else 1.0:.2f} | {fmt(torch_eager)} | "
             f"{top1.get(name, float('nan')):.4f} |"
         )

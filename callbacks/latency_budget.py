@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from compresslight.callbacks.structural_edit import find_example_inputs
 from torch import nn
 
 from compresslight import lightning_compat as pl
-from compresslight.callbacks.structural_edit import find_example_inputs
 from compresslight.compression.budget import METHODS, Allocation, BudgetProblem, allocate, step_ratios
 from compresslight.compression.depth import remove_blocks
 from compresslight.compression.latency_table import LatencyTable, measure_speedup
@@ -67,7 +67,8 @@ class LatencyBudget:
     ) -> None:
         if (target_speedup is None) == (target_latency_ms is None):
             raise ValueError(
-                f"Give one of `target_speedup` and `target_latency_ms`, got {target_speedup!r} and {target_latency_ms!r}."
+                "Give one of `target_speedup` and `target_latency_ms`, "
+                f"got {target_speedup!r} and {target_latency_ms!r}."
             )
         if target_speedup is not None and not target_speedup > 1:
             raise ValueError(f"`target_speedup` must be > 1, got {target_speedup!r}.")

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
+from compresslight.callbacks.latency_budget import LatencyBudget
+from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
-from compresslight.callbacks.latency_budget import LatencyBudget
-from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
 from compresslight.compression.pruning import (
     make_pruning_permanent,
     prunable_groups,
@@ -275,7 +276,9 @@ class PruningCallback(StructuralCompressionCallback):
     def _check_ratio_patterns(self, prunable: list[str]) -> None:
         for pattern in self.ratios:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in prunable):
-                raise ValueError(f"`ratios` pattern {pattern!r} matches no prunable layer; prunable layers: {prunable}.")
+                raise ValueError(
+                    f"`ratios` pattern {pattern!r} matches no prunable layer; prunable layers: {prunable}."
+                )
 
     def _step_ratios(self, target: nn.Module, goal: float) -> dict[str, float]:
         """Per-layer fractions of the *current* channels that bring each layer to
@@ -318,7 +321,9 @@ class PruningCallback(StructuralCompressionCallback):
             self.latency_budget.load_state_dict(state_dict["latency_budget"])
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)  # refuses non-finite weights
         if self.mode == "unstructured":
             # Save plain weights (mask applied), loadable by a model without pruning hooks.
@@ -333,7 +338,8 @@ def _schedule_epochs(
             raise ValueError("Give either `epochs` or `start_epoch`/`end_epoch`, not both.")
         if start_epoch is None or end_epoch is None or not 0 <= start_epoch <= end_epoch:
             raise ValueError(
-                f"`start_epoch` and `end_epoch` must satisfy 0 <= start_epoch <= end_epoch, got {start_epoch!r} and {end_epoch!r}."
+                "`start_epoch` and `end_epoch` must satisfy 0 <= start_epoch <= end_epoch, "
+                f"got {start_epoch!r} and {end_epoch!r}."
             )
         if frequency < 1:
             raise ValueError(f"`frequency` must be >= 1, got {frequency!r}.")
@@ -350,7 +356,8 @@ def _schedule_targets(epochs: list[int], targets: Sequence[float] | None, ramp: 
         targets = list(targets)
         if len(targets) != steps or any(not 0 < t <= 1 for t in targets) or targets != sorted(targets):
             raise ValueError(
-                f"`targets` must be {steps} increasing fractions in (0, 1], one per pruning epoch {epochs}, got {targets!r}."
+                f"`targets` must be {steps} increasing fractions in (0, 1], one per pruning epoch {epochs}, "
+                f"got {targets!r}."
             )
         return targets
     if ramp == "constant":

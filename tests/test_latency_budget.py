@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from compresslight.callbacks.pruning import PruningCallback
+from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
 from torch import nn
 
-from compresslight.callbacks.pruning import PruningCallback
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.budget import BudgetProblem, ChannelGroup, LayerCoupling, allocate, step_ratios
-from compresslight.compression.depth import BlockRemovalRecord, ShortcutBlock, remove_blocks, removable_blocks
+from compresslight.compression.depth import BlockRemovalRecord, ShortcutBlock, removable_blocks, remove_blocks
 from compresslight.compression.latency_table import LatencyTable, LayerTable, channel_grid
 from compresslight.compression.pruning import prune_filters
 from compresslight.compression.record import replay
 from compresslight.compression.runtime_model import RuntimeEnvironment
 from compresslight.registry import create_model
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
 
 TINY_TABLE = {
     "backend": "torch",

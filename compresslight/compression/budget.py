@@ -33,7 +33,8 @@ import dataclasses
 import itertools
 import logging
 import math
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -473,7 +474,9 @@ def allocate(
     log.info(
         "latency budget %.3f ms: predicted %.3f ms (from %.3f), importance kept %.1f%%, %d blocks removed (%s)",
         budget_s * 1e3, allocation.predicted_s * 1e3, current_s * 1e3,
-        100 * allocation.importance_kept / max(allocation.importance_total, 1e-12), len(allocation.removed_blocks), used,
+        100 * allocation.importance_kept / max(allocation.importance_total, 1e-12),
+        len(allocation.removed_blocks),
+        used,
     )  # fmt: skip
     return allocation
 

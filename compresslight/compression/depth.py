@@ -16,7 +16,8 @@ keep their names (`layer2.0.shortcut.0.weight`), so optimizer state follows them
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
