@@ -269,6 +269,7 @@ def _watch(
     reported_steps: set[int] = set()
     last_heartbeat = -math.inf
     while process.poll() is None:
+        _raise_if_stopped()
         now = time.monotonic()
         if storage is not None and now - last_heartbeat >= spec.engine.heartbeat_s / 2:
             storage.record_heartbeat(trial._trial_id)  # what Optuna's own optimize loop records
@@ -284,6 +285,7 @@ def _watch(
             log.info("Trial %d %s.", trial.number, reason)
             return reason
         time.sleep(_POLL_S)
+    _raise_if_stopped()  # a stop that arrived while the fit ended (or was being started) still counts
     # Epochs that ended between the last poll and the exit still inform the median pruner.
     _read_new_progress(spec, trial, trial_dir, reported_steps)
     return None
@@ -433,12 +435,28 @@ def _counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if t.state in finished or (t.state == TrialState.FAIL and t.number not in retried)]
 
 
+#: The SIGTERM received while a sweep runs, if any. The handler's KeyboardInterrupt can be lost:
+#: a signal that lands while an at-fork callback runs (e.g. logging's lock release after the fork
+#: that starts a trial's fit) is raised there and swallowed ("Exception ignored in ..."). The
+#: loops check this flag too (`_raise_if_stopped`), so such a stop still ends the sweep.
+_stop_signal: int | None = None
+
+
+def _raise_if_stopped() -> None:
+    if _stop_signal is not None:
+        raise KeyboardInterrupt(f"signal {_stop_signal}")
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Turns SIGTERM (`kill`, a job scheduler's stop) into KeyboardInterrupt, so the running fit is
     stopped and recorded instead of left running, orphaned."""
+    global _stop_signal
+    _stop_signal = None
 
     def interrupt(signum: int, frame: Any) -> None:
+        global _stop_signal
+        _stop_signal = signum
         raise KeyboardInterrupt(f"signal {signum}")
 
     try:
