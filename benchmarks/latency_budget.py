@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -39,9 +42,13 @@ from compresslight.compression.budget import BudgetProblem, allocate, step_ratio
 from compresslight.compression.depth import remove_blocks
 from compresslight.compression.latency_table import LatencyTable
 from compresslight.compression.pruning import prune_filters
+from compresslight.compression.quantization import OnnxRuntimeModel, export_int8_onnx
 from compresslight.compression.record import CompressionRecord
+from compresslight.evaluation import evaluate_top1, validation_batches
+from compresslight.profiling.backends import onnxruntime_runner
 from compresslight.profiling.counting import count_macs
 from compresslight.profiling.side_by_side import PairedSpeedup, SideBySide, compare_models
+from compresslight.profiling.timing import num_threads
 
 
 def main() -> None:
@@ -55,12 +62,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--table", default=None, help="latency table JSON (reused when it matches)")
     parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--epochs", type=int, default=0)
+    parser.add_argument("--normalization", default="cifar10", help="the datamodule's statistics (imagenet: resnet*_a)")
+    parser.add_argument("--epochs", type=float, default=0, help="fine-tuning epochs per model (fractions allowed)")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--int8", action="store_true", help="also export int8 ONNX Runtime models (needs --data_dir)")
+    parser.add_argument("--large_batch", type=int, default=128, help="the second setting's batch size (0: skip it)")
+    parser.add_argument("--large_threads", type=int, default=2, help="the second setting's threads")
+    parser.add_argument("--json", default=None, help="also write every number to this JSON file")
     parser.add_argument("--quick", action="store_true", help="grid 4, 20 iterations, 3 rounds, target 2.0 only")
     args = parser.parse_args()
     if args.quick:
         args.grid_points, args.iters, args.rounds, args.speedups = 4, 20, 3, [2.0]
+    if args.int8 and not args.data_dir:
+        parser.error("`--int8` needs `--data_dir` (calibration batches and int8 top-1).")
     logging.basicConfig(level=logging.WARNING)
 
     base = ImageClassifier(arch=args.arch)
@@ -75,55 +89,103 @@ def main() -> None:
         table_path, baseline, x, backend="onnxruntime", batch_size=1, threads=args.threads,
         grid_points=args.grid_points, iters=args.iters, statistic="min",
     )  # fmt: skip
+    rows = build_rows(baseline, x, table, args.speedups)
+    datamodule = None
+    if args.data_dir:
+        from compresslight.datamodules import CIFAR10DataModule
+
+        datamodule = CIFAR10DataModule(data_dir=args.data_dir, batch_size=128, normalization=args.normalization)
+    top1 = fine_tune_and_evaluate(rows, args, datamodule) if datamodule else {}
+    models = {name: model for name, (model, _, _) in rows.items()}
+    int8 = export_int8(models, datamodule, Path("runs") / "latency_budget_benchmark") if args.int8 else {}
+    int8_top1 = evaluate_int8(int8, datamodule, args.threads) if int8 else {}
+    load_before = os.getloadavg()[0]
+    small = measure_in_rounds(models, args, batch_size=1, threads=args.threads)
+    large = (
+        measure_in_rounds(models, args, batch_size=args.large_batch, threads=args.large_threads)
+        if args.large_batch
+        else {}
+    )
+    int8_speedups = measure_int8(models, int8, args) if int8 else {}
+    print_table(args, table_path, baseline, x, rows, top1, small, large, int8_speedups, int8_top1, load_before)
+    if args.json:
+        write_json(args, baseline, x, rows, top1, small, large, int8_speedups, int8_top1)
+
+
+def build_rows(
+    baseline: nn.Module, x: torch.Tensor, table: LatencyTable, speedups: list[float]
+) -> dict[str, tuple[nn.Module, list[CompressionRecord], float]]:
+    """The baseline and, per target, (a) uniform, (b) FLOPs- and (c) latency-targeted copies, each
+    with its records and the speedup the latency table predicts for it."""
     macs = macs_table(table)
     rows: dict[str, tuple[nn.Module, list[CompressionRecord], float]] = {"baseline": (baseline, [], 1.0)}
-    for speedup in args.speedups:
+    for speedup in speedups:
         budget_s = table.network_dense_s / speedup
-        latency_model, records = pruned(baseline, x, table, budget_s, remove=True)
-        rows[f"(c) latency {speedup:g}x"] = (
-            latency_model,
-            records,
-            table.network_dense_s / table.predict_model(latency_model),
-        )
-        flops_model, records = pruned(baseline, x, macs, macs.network_dense_s / speedup, remove=False)
-        rows[f"(b) FLOPs {speedup:g}x"] = (
-            flops_model,
-            records,
-            table.network_dense_s / table.predict_model(flops_model),
-        )
-        uniform_model, records = uniform(baseline, x, table, budget_s)
-        rows[f"(a) uniform {speedup:g}x"] = (
-            uniform_model,
-            records,
-            table.network_dense_s / table.predict_model(uniform_model),
-        )
+        candidates = {
+            f"(a) uniform {speedup:g}x": uniform(baseline, x, table, budget_s),
+            f"(b) FLOPs {speedup:g}x": pruned(baseline, x, macs, macs.network_dense_s / speedup, remove=False),
+            f"(c) latency {speedup:g}x": pruned(baseline, x, table, budget_s, remove=True),
+        }
+        for name, (model, records) in candidates.items():
+            rows[name] = (model, records, table.network_dense_s / table.predict_model(model))
+    return rows
 
-    top1 = fine_tune_and_evaluate(rows, args) if args.data_dir else {}
-    measured = measure_in_rounds({name: model for name, (model, _, _) in rows.items()}, args)
+
+def print_table(args, table_path, baseline, x, rows, top1, small, large, int8_speedups, int8_top1, load) -> None:
     base_macs = count_macs(baseline, x)[0]
     print(
-        f"\n{args.arch}, ONNX Runtime float and torch eager, batch 1, {args.threads} thread(s); "
-        f"{args.rounds} alternating rounds,"
+        f"\n{args.arch}: speedups over the unpruned baseline, each the geometric mean of {args.rounds} paired "
+        f"alternating rounds [95% bootstrap interval]; fine-tuning: {args.epochs:g} epoch(s) each, lr {args.lr}; "
+        f"1-minute load average {load:.1f} when the measurements started; table {table_path}"
     )
-    print(
-        f"geometric mean of per-round speedups [95% interval] verdict; 1-minute load average {os.getloadavg()[0]:.1f}; "
-        f"table {table_path}\n"
+    large_label = f"b{args.large_batch}/t{args.large_threads}"
+    header = (
+        f"| model | params | MMACs | theoretical | predicted (table) | ORT b1/t{args.threads} | obs/theor "
+        f"| torch b1/t{args.threads} | ORT {large_label} | torch {large_label} | top-1 | int8 ORT b1/t{args.threads} "
+        "(vs float baseline) | int8 top-1 |"
     )
-    print(
-        "| model | params | MMACs | theoretical | predicted (table) | ORT measured | ORT obs/theor "
-        "| torch measured | top-1 |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
     for name, (model, _, predicted) in rows.items():
         model_macs = count_macs(model, x)[0]
         theoretical = base_macs / model_macs
-        ort, torch_eager = measured.get(name, {}).get("onnxruntime"), measured.get(name, {}).get("torch")
-        print(
-            f"| {name} | {sum(p.numel() for p in model.parameters()):,} | {model_macs / 1e6:.2f} "
-            f"| {theoretical:.2f}x | "
-            f"{predicted:.2f}x | {fmt(ort)} | {ort.estimate / theoretical if ort else 1.0:.2f} | {fmt(torch_eager)} | "
-            f"{top1.get(name, float('nan')):.4f} |"
-        )
+        ort = small.get(name, {}).get("onnxruntime")
+        cells = [
+            name,
+            f"{sum(p.numel() for p in model.parameters()):,}",
+            f"{model_macs / 1e6:.2f}",
+            f"{theoretical:.2f}x",
+            f"{predicted:.2f}x",
+            fmt(ort),
+            f"{ort.estimate / theoretical if ort else 1.0:.2f}",
+            fmt(small.get(name, {}).get("torch")),
+            fmt(large.get(name, {}).get("onnxruntime")) if large else "-",
+            fmt(large.get(name, {}).get("torch")) if large else "-",
+            f"{100 * top1[name]:.2f}%" if name in top1 else "-",
+            fmt(int8_speedups.get(name)) if int8_speedups else "-",
+            f"{100 * int8_top1[name]:.2f}%" if name in int8_top1 else "-",
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_json(args, baseline, x, rows, top1, small, large, int8_speedups, int8_top1) -> None:
+    base_macs = count_macs(baseline, x)[0]
+    out = {"args": vars(args), "rows": {}}
+    for name, (model, _, predicted) in rows.items():
+        macs = count_macs(model, x)[0]
+        out["rows"][name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "macs": macs,
+            "theoretical": base_macs / macs,
+            "predicted": predicted,
+            "small": {k: v.to_dict() for k, v in small.get(name, {}).items() if v is not None},
+            "large": {k: v.to_dict() for k, v in large.get(name, {}).items() if v is not None},
+            "top1": top1.get(name),
+            "int8_speedup": int8_speedups[name].to_dict() if name in int8_speedups else None,
+            "int8_top1": int8_top1.get(name),
+        }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 def fmt(speedup: PairedSpeedup | None) -> str:
@@ -186,13 +248,16 @@ def macs_table(table: LatencyTable) -> LatencyTable:
     return priced
 
 
-def measure_in_rounds(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str, dict[str, PairedSpeedup]]:
+def measure_in_rounds(
+    models: dict[str, nn.Module], args: argparse.Namespace, batch_size: int, threads: int
+) -> dict[str, dict[str, PairedSpeedup]]:
     """Every model against the baseline side by side (`compare_models`), ONNX Runtime and torch."""
     options = SideBySide(
-        iters=args.iters, min_rounds=args.rounds, max_rounds=args.rounds, target_width=None, time_budget_s=None
-    )
+        iters=args.iters if batch_size == 1 else max(5, args.iters // 10),
+        min_rounds=args.rounds, max_rounds=args.rounds, target_width=None, time_budget_s=None,
+    )  # fmt: skip
     report = compare_models(
-        models, [3, 32, 32], "baseline", batch_sizes=[1], threads=[args.threads], modes=["inference"],
+        models, [3, 32, 32], "baseline", batch_sizes=[batch_size], threads=[threads], modes=["inference"],
         backends=["onnxruntime", "torch"], options=options, progress=False,
     )  # fmt: skip
     return {
@@ -202,20 +267,64 @@ def measure_in_rounds(models: dict[str, nn.Module], args: argparse.Namespace) ->
     }
 
 
-def fine_tune_and_evaluate(rows: dict, args: argparse.Namespace) -> dict[str, float]:
-    """The same fine-tuning for every model (SGD, cosine from `--lr`), then validation top-1."""
-    from compresslight.datamodules import CIFAR10DataModule
+def export_int8(models: dict[str, nn.Module], datamodule, out_dir: Path) -> dict[str, Path]:
+    """Every model as an int8 ONNX Runtime file (static QDQ, per-channel weights, 10 training
+    batches of calibration), as `QuantizationCallback` writes it."""
+    from itertools import islice
 
+    datamodule.setup("fit")
+    calibration = [
+        datamodule.on_after_batch_transfer(batch, 0)[0] for batch in islice(datamodule.train_dataloader(), 10)
+    ]
+    return {
+        name: export_int8_onnx(model, (1, 3, 32, 32), calibration, out_dir / f"{slug(name)}.onnx", per_channel=True)
+        for name, model in models.items()
+    }
+
+
+def evaluate_int8(paths: dict[str, Path], datamodule, threads: int) -> dict[str, float]:
+    """Top-1 of the int8 files with ONNX Runtime over the whole validation set."""
+    models = {name: OnnxRuntimeModel(path, num_threads=threads) for name, path in paths.items()}
+    return evaluate_top1(models, validation_batches(datamodule))
+
+
+def measure_int8(
+    models: dict[str, nn.Module], paths: dict[str, Path], args: argparse.Namespace
+) -> dict[str, PairedSpeedup]:
+    """The int8 files against the *float* ONNX Runtime baseline, side by side at batch 1 (the
+    float baseline and every int8 model alternate in the same rounds)."""
+    example = torch.randn(1, 3, 32, 32)
+    calls = {"baseline float": onnxruntime_runner(models["baseline"], example, args.threads)}
+    feed = example.numpy()
+    for name, path in paths.items():
+        session = OnnxRuntimeModel(path, num_threads=args.threads).session
+        calls[name] = functools.partial(session.run, None, {session.get_inputs()[0].name: feed})
+    options = SideBySide(
+        iters=args.iters, min_rounds=args.rounds, max_rounds=args.rounds, target_width=None, time_budget_s=None
+    )
+    with num_threads(args.threads):
+        setting = {"backend": "onnxruntime int8", "batch_size": 1, "threads": args.threads}
+        result = options.run(calls, "baseline float", setting=setting, progress=False)
+    return {speedup.candidate: speedup for speedup in result.speedups}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def fine_tune_and_evaluate(rows: dict, args: argparse.Namespace, datamodule) -> dict[str, float]:
+    """The same fine-tuning for every model (SGD, cosine from `--lr`), then validation top-1."""
     results = {}
     for name, (model, records, _) in rows.items():
         module = ImageClassifier(arch=copy.deepcopy(model), lr=args.lr, lr_schedule="cosine")
         module.compression_records = list(records)
-        datamodule = CIFAR10DataModule(data_dir=args.data_dir, batch_size=128)
         trainer = pl.Trainer(
-            max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            max_epochs=max(1, math.ceil(args.epochs)), limit_train_batches=args.epochs if args.epochs < 1 else 1.0,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=Path("runs") / "latency_budget_benchmark",
         )  # fmt: skip
         if args.epochs > 0 and name != "baseline":
+            module.train()  # the copies are in eval mode, and Lightning keeps a module's mode during fit
             trainer.fit(module, datamodule=datamodule)
         results[name] = float(trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/top1"])
         rows[name] = (module.model.eval(), records, rows[name][2])
