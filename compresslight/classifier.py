@@ -33,6 +33,7 @@ from compresslight.checkpoint import (
     schedule_lengths,
     warn_unsafe_load,
 )
+from compresslight.checks import check_choice, check_number, check_ratio
 from compresslight.compression.record import CompressionRecord, as_record, replay
 from compresslight.registry import create_model
 from compresslight.run_length import describe_limits, planned_epochs
@@ -332,18 +333,11 @@ def _validate_hyperparameters(
     milestones: Sequence[float],
     gamma: float,
 ) -> None:
-    if lr <= 0:
-        raise ValueError(f"`lr` must be > 0, got {lr!r}.")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
-    if weight_decay < 0:
-        raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
-    if not 0 <= label_smoothing < 1:
-        raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
-    schedules = ("multistep", "cosine", "onecycle", "exponential", "constant")
-    if lr_schedule not in schedules:
-        raise ValueError(f"`lr_schedule` must be one of {schedules}, got {lr_schedule!r}.")
+    check_number("lr", lr, greater_than=0)
+    check_ratio("momentum", momentum, include_zero=True, include_one=False)
+    check_number("weight_decay", weight_decay, at_least=0)
+    check_ratio("label_smoothing", label_smoothing, include_zero=True, include_one=False)
+    check_choice("lr_schedule", lr_schedule, ("multistep", "cosine", "onecycle", "exponential", "constant"))
     if any(not 0 < fraction < 1 for fraction in milestones):
         raise ValueError(f"`milestones` must be fractions of max_epochs in (0, 1), got {list(milestones)!r}.")
-    if gamma <= 0:
-        raise ValueError(f"`gamma` must be > 0, got {gamma!r}.")
+    check_number("gamma", gamma, greater_than=0)

@@ -11,6 +11,8 @@ from typing import TypeVar
 
 from torch import nn
 
+from compresslight.checks import check_number
+
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
 
@@ -53,10 +55,8 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, weights
     _import_builtin_models()
     if name not in _MODEL_ENTRYPOINTS:
         raise ValueError(f"`arch` must be one of {sorted(_MODEL_ENTRYPOINTS)}, got {name!r}.")
-    if num_classes < 1:
-        raise ValueError(f"`num_classes` must be >= 1, got {num_classes!r}.")
-    if in_channels < 1:
-        raise ValueError(f"`in_channels` must be >= 1, got {in_channels!r}.")
+    check_number("num_classes", num_classes, at_least=1)
+    check_number("in_channels", in_channels, at_least=1)
     model = _MODEL_ENTRYPOINTS[name](num_classes=num_classes, in_channels=in_channels)
     if weights is not None:
         # Imported here: `checkpoint` imports every compression module (seconds, torch-pruning,

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compresslight.checks import check_ratio
+
 PROC = Path("/proc")
 BUSY_THRESHOLD = 0.10
 """Other processes (plus steal) using at least this share of the machine's CPU time: busy."""
@@ -106,8 +108,7 @@ class LoadMonitor:
     """
 
     def __init__(self, busy_threshold: float = BUSY_THRESHOLD, top: int = 3) -> None:
-        if not 0.0 < busy_threshold <= 1.0:
-            raise ValueError(f"`busy_threshold` must be in (0, 1], got {busy_threshold!r}.")
+        check_ratio("busy_threshold", busy_threshold)
         self.busy_threshold = busy_threshold
         self.top = top
         self._start: _Sample | None = None

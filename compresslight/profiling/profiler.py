@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compresslight.checks import check_int, check_number
 from compresslight.evaluation import logits_of
 from compresslight.profiling import counting
 from compresslight.profiling.backends import onnxruntime_runner, validate_backends
@@ -70,12 +71,9 @@ def profile(
     sizes = validate_batch_sizes(batch_sizes)
     target_device = resolve_device(device)
     backends = validate_backends(backends, target_device)
-    if warmup < 0:
-        raise ValueError(f"`warmup` must be >= 0, got {warmup!r}.")
-    if iters < 1:
-        raise ValueError(f"`iters` must be >= 1, got {iters!r}.")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"`threads` must be an int >= 1 or None, got {threads!r}.")
+    check_number("warmup", warmup, at_least=0)
+    check_number("iters", iters, at_least=1)
+    check_int("threads", threads, 1, optional=True)
     name = name or type(model).__name__
 
     with restored(model), num_threads(threads) as used_threads, _forked_rng(target_device):

@@ -46,6 +46,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from compresslight.checks import check_choice, check_int, check_ratio
 from compresslight.profiling import profiler
 from compresslight.profiling.backends import onnxruntime_runner, validate_backends
 from compresslight.profiling.environment import resolve_device
@@ -292,8 +293,7 @@ def paired_speedup(
     if not (np.all(base > 0) and np.all(cand > 0)):
         raise ValueError("Latencies must be > 0 seconds; got a zero or negative one.")
     _check_confidence(confidence)
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
-        raise ValueError(f"`resamples` must be an int >= 100, got {resamples!r}.")
+    check_int("resamples", resamples, 100)
     log_ratios = np.log(base / cand)
     rng = np.random.default_rng(seed)
     indices = rng.integers(0, len(log_ratios), size=(resamples, len(log_ratios)))
@@ -361,9 +361,7 @@ class SideBySide:
 
     def __post_init__(self) -> None:
         for name, minimum in (("warmup", 0), ("iters", 1), ("min_rounds", 2), ("resamples", 100)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+            check_int(name, getattr(self, name), minimum)
         if (
             isinstance(self.max_rounds, bool)
             or not isinstance(self.max_rounds, int)
@@ -377,8 +375,7 @@ class SideBySide:
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"`{name}` must be None or a number > 0, got {value!r}.")
         _check_confidence(self.confidence)
-        if not 0.0 < self.busy_threshold <= 1.0:
-            raise ValueError(f"`busy_threshold` must be in (0, 1], got {self.busy_threshold!r}.")
+        check_ratio("busy_threshold", self.busy_threshold)
 
     def run(
         self,
@@ -512,8 +509,7 @@ def compare_models(
     options = options or SideBySide()
     if len(models) < 2:
         raise ValueError(f"`models` must hold at least two models to compare, got {list(models)}.")
-    if baseline not in models:
-        raise ValueError(f"`baseline` must be one of {list(models)}, got {baseline!r}.")
+    check_choice("baseline", baseline, list(models))
     shape = profiler.validate_input_shape(input_shape)
     sizes = profiler.validate_batch_sizes(batch_sizes)
     modes = tuple(dict.fromkeys(modes))

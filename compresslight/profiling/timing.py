@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from compresslight.checks import check_int, check_number
+
 
 @dataclasses.dataclass
 class LatencyStats:
@@ -57,10 +59,8 @@ def measure_latency(
     Raises:
         ValueError: if `warmup` < 0 or `iters` < 1.
     """
-    if warmup < 0:
-        raise ValueError(f"`warmup` must be >= 0, got {warmup!r}.")
-    if iters < 1:
-        raise ValueError(f"`iters` must be >= 1, got {iters!r}.")
+    check_number("warmup", warmup, at_least=0)
+    check_number("iters", iters, at_least=1)
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -86,8 +86,7 @@ def num_threads(threads: int | None) -> Iterator[int]:
     Raises:
         ValueError: if `threads` < 1.
     """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"`threads` must be an int >= 1 or None, got {threads!r}.")
+    check_int("threads", threads, 1, optional=True)
     previous = torch.get_num_threads()
     if threads is None:
         yield previous

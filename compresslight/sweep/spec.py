@@ -42,6 +42,7 @@ from typing import Any, Literal
 import optuna
 import yaml
 
+from compresslight.checks import check_choice, check_int, check_ratio
 from compresslight.profiling import keys as profile_keys
 from compresslight.sweep.fitconfig import resolve_fit_config, split_path_overrides
 from compresslight.sweep.paths import Index, Keys, get_at_path, parse_path, set_at_path
@@ -424,8 +425,7 @@ def _objectives(objectives: Any, fit_config: dict[str, Any], engine: Engine) -> 
         name, direction = item.get("name"), item.get("direction", "maximize")
         if not isinstance(name, str) or not name:
             raise ValueError(f"`{name_key}.name` must be a metric name like 'val/top1', got {name!r}.")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"`{name_key}.direction` must be one of {list(DIRECTIONS)}, got {direction!r}.")
+        check_choice(f"{name_key}.direction", direction, DIRECTIONS)
         _check_produced(name_key, name, trainer, callbacks, trains)
         checked.append(Objective(name=name, direction=direction))
     names = [o.name for o in checked]
@@ -538,10 +538,8 @@ def _engine(data: Any) -> Engine:
         raise ValueError(f"`engine` must be a mapping, got {data!r}.")
     _check_keys("`engine`", data, _ENGINE_KEYS)
     engine = Engine(**data)
-    if engine.sampler not in SAMPLERS:
-        raise ValueError(f"`engine.sampler` must be one of {list(SAMPLERS)}, got {engine.sampler!r}.")
-    if engine.pruner not in PRUNERS:
-        raise ValueError(f"`engine.pruner` must be one of {list(PRUNERS)}, got {engine.pruner!r}.")
+    check_choice("engine.sampler", engine.sampler, SAMPLERS)
+    check_choice("engine.pruner", engine.pruner, PRUNERS)
     if engine.seed is not None and (isinstance(engine.seed, bool) or not isinstance(engine.seed, int)):
         raise ValueError(f"`engine.seed` must be an int or null, got {engine.seed!r}.")
     for key, minimum in (
@@ -550,15 +548,8 @@ def _engine(data: Any) -> Engine:
         ("chance_after_epochs", 0),
         ("heartbeat_s", 1),
     ):
-        value = getattr(engine, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`engine.{key}` must be an int >= {minimum}, got {value!r}.")
-    if (
-        isinstance(engine.chance_margin, bool)
-        or not isinstance(engine.chance_margin, (int, float))
-        or not 0 <= engine.chance_margin < 1
-    ):
-        raise ValueError(f"`engine.chance_margin` must be in [0, 1), got {engine.chance_margin!r}.")
+        check_int(f"engine.{key}", getattr(engine, key), minimum)
+    check_ratio("engine.chance_margin", engine.chance_margin, include_zero=True, include_one=False)
     return engine
 
 
@@ -567,8 +558,7 @@ def _budget(data: Any) -> Budget:
         raise ValueError(f"`budget` must be a mapping, got {data!r}.")
     _check_keys("`budget`", data, _BUDGET_KEYS)
     budget = Budget(**data)
-    if isinstance(budget.n_trials, bool) or not isinstance(budget.n_trials, int) or budget.n_trials < 1:
-        raise ValueError(f"`budget.n_trials` must be an int >= 1, got {budget.n_trials!r}.")
+    check_int("budget.n_trials", budget.n_trials, 1)
     for key in ("timeout_s", "trial_timeout_s"):
         value = getattr(budget, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
