@@ -11,6 +11,7 @@ import os
 # lines to stderr unless told otherwise before torch loads.
 os.environ.setdefault("KINETO_LOG_LEVEL", "3")
 
+import compresslight.models  # noqa: F401  (the built-in architectures register themselves)
 from compresslight.checkpoint import load_compressed_checkpoint
 from compresslight.classifier import ImageClassifier
 from compresslight.profiling import compare, profile

@@ -22,7 +22,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from compresslight import lightning_compat as pl
+import compresslight.lightning_compat as pl
 from compresslight.checkpoint import (
     RECORDS_KEY,
     adapt_pretrained_weights,

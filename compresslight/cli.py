@@ -26,7 +26,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from compresslight import lightning_compat as pl
+import compresslight.lightning_compat as pl
 from compresslight.classifier import ImageClassifier
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,10 @@
 
 Each entrypoint is a plain function `name(num_classes=..., in_channels=...) -> nn.Module` with a
 one-line docstring, so `list_models()` and an unknown-name error can say what exists.
+
+As in timm, this module imports no model: the architectures register themselves when
+`compresslight.models` is imported, which `import compresslight` does (and so does any
+`from compresslight.registry import ...`, which imports the package first).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from typing import TypeVar
 
 from torch import nn
 
-from compresslight.checks import check_number
+from compresslight.checks import check_choice, check_number
+from compresslight.weights import load_pretrained_weights
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
@@ -34,7 +39,6 @@ def register_model(factory: F) -> F:
 
 def list_models() -> list[str]:
     """Names of all registered architectures, sorted."""
-    _import_builtin_models()
     return sorted(_MODEL_ENTRYPOINTS)
 
 
@@ -52,22 +56,10 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, weights
         ValueError: for an unknown name (the message lists the known ones), a count < 1 or
             weights that do not fit.
     """
-    _import_builtin_models()
-    if name not in _MODEL_ENTRYPOINTS:
-        raise ValueError(f"`arch` must be one of {sorted(_MODEL_ENTRYPOINTS)}, got {name!r}.")
+    check_choice("arch", name, sorted(_MODEL_ENTRYPOINTS))
     check_number("num_classes", num_classes, at_least=1)
     check_number("in_channels", in_channels, at_least=1)
     model = _MODEL_ENTRYPOINTS[name](num_classes=num_classes, in_channels=in_channels)
     if weights is not None:
-        # Imported here: `checkpoint` imports every compression module (seconds, torch-pruning,
-        # onnx), which `import compresslight` must not pay.
-        from compresslight.checkpoint import load_pretrained_weights
-
         load_pretrained_weights(model, weights)
     return model
-
-
-def _import_builtin_models() -> None:
-    # The architectures register themselves on import; importing here keeps `registry` free of
-    # a circular import with `compresslight.models`.
-    import compresslight.models  # noqa: F401

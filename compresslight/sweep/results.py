@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from compresslight import lightning_compat as pl
+import compresslight.lightning_compat as pl
 from compresslight.lightning_compat import Callback
 from compresslight.profiling.counting import count_macs, count_parameters
 from compresslight.profiling.keys import profile_metrics
