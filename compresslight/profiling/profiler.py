@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import compresslight.profiling.counting as counting
 from compresslight.checks import check_int, check_number
 from compresslight.evaluation import logits_of
-from compresslight.profiling import counting
 from compresslight.profiling.backends import onnxruntime_runner, validate_backends
 from compresslight.profiling.environment import collect_environment, resolve_device
 from compresslight.profiling.results import INFERENCE, TRAIN, LatencyEntry, MemoryProfile, ModelProfile

@@ -249,6 +249,77 @@ class ModelProfile:
         Args:
             max_layers: show only the most expensive layers (by MACs); None shows all.
         """
-        from compresslight.profiling.report import profile_markdown
-
         return profile_markdown(self, max_layers=max_layers)
+
+
+def profile_markdown(model_profile: ModelProfile, max_layers: int | None = None) -> str:
+    """Markdown tables for one profile: summary, memory, latency and the costliest layers."""
+    p = model_profile
+    env = p.environment
+    versions = ", ".join(f"{name} {version}" for name, version in env.backend_versions.items())
+    lines = [
+        f"Measured on `{env.hostname}`: {env.label}; {versions}; input {tuple(p.input_shape)}.",
+        "",
+        "| Parameters | Trainable | Parameter bytes | Buffer bytes | MACs (forward, batch 1) | FLOPs (2 x MACs) |",
+        "|---|---|---|---|---|---|",
+        f"| {p.params.total:,} | {p.params.trainable:,} | {_mib(p.params.bytes)} | {_mib(p.params.buffers_bytes)} "
+        f"| {_si(p.macs)} | {_si(p.flops)} |",
+        "",
+        f"MACs counted by {p.flop_counter}.",
+        "",
+        "Memory (MiB; estimate counts tensors, measured = parameters + buffers + input + peak allocated "
+        "during one step)",
+        "",
+        "| Batch size | Params + buffers | Input | Forward activations | Saved for backward | Gradients "
+        "| Inference estimate | Inference measured | Train estimate | Train measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in p.memory:
+        lines.append(
+            f"| {m.batch_size} | {_mib(m.params_bytes + m.buffers_bytes)} | {_mib(m.input_bytes)} "
+            f"| {_mib(m.forward_activations_bytes)} | {_mib(m.train_saved_bytes)} | {_mib(m.gradients_bytes)} "
+            f"| {_mib(m.inference_total_bytes)} | {_mib(m.measured_inference_peak_bytes)} "
+            f"| {_mib(m.train_total_bytes)} | {_mib(m.measured_train_peak_bytes)} |"
+        )
+    measured_with = {m.measured_with for m in p.memory if m.measured_with}
+    if measured_with:
+        lines += ["", f"Measured with {', '.join(sorted(measured_with))}."]
+    lines += [
+        "",
+        "Latency (ms per batch; median of timed calls after untimed warm-up)",
+        "",
+        "| Backend | Mode | Batch size | Median | Min | Max | Images/s | Warm-up / timed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = {mode: i for i, mode in enumerate(MODES)}
+    for e in sorted(p.latency, key=lambda e: (e.batch_size, order.get(e.mode, 9), e.backend)):
+        lines.append(
+            f"| {e.backend} | {e.mode} | {e.batch_size} | {e.stats.median_s * 1e3:.3f} | {e.stats.min_s * 1e3:.3f} "
+            f"| {e.stats.max_s * 1e3:.3f} | {e.images_per_s:,.1f} | {e.warmup} / {e.stats.iters} |"
+        )
+    layers = sorted(p.layers, key=lambda layer: layer.macs, reverse=True)
+    layers = [layer for layer in layers if layer.macs > 0][:max_layers] if max_layers else layers
+    shown = "costliest layers" if max_layers and len(layers) < len(p.layers) else "layers"
+    lines += [
+        "",
+        f"Per-layer MACs ({shown}; forward, batch 1; {_si(p.unattributed_macs)} MACs outside leaf modules)",
+        "",
+        "| Layer | Type | Params | MACs | Share | Output shape |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layer in layers:
+        share = f"{100 * layer.macs / p.macs:.1f}%" if p.macs else "–"
+        shape = "×".join(map(str, layer.output_shape)) if layer.output_shape else "–"
+        lines.append(f"| {layer.name} | {layer.type} | {layer.params:,} | {_si(layer.macs)} | {share} | {shape} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:.2f}"
+
+
+def _si(value: int) -> str:
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {suffix}"
+    return str(value)

@@ -46,8 +46,8 @@ import torch
 from scipy import stats
 from torch import nn
 
+import compresslight.profiling.profiler as profiler
 from compresslight.checks import check_choice, check_int, check_ratio
-from compresslight.profiling import profiler
 from compresslight.profiling.backends import onnxruntime_runner, validate_backends
 from compresslight.profiling.environment import resolve_device
 from compresslight.profiling.load import BUSY_THRESHOLD, LoadMonitor, MachineLoad
