@@ -29,7 +29,7 @@ def _parse(parser: argparse.ArgumentParser, args: list[str]) -> tuple[argparse.N
 
 def _model_from_config(config_args: list[str], ckpt_path: str | None) -> tuple[nn.Module, Any]:
     from compresslight.checkpoint import load_compressed_checkpoint
-    from compresslight.cli import build_from_config
+    from compresslight.lightning_cli import build_from_config
 
     model, datamodule, _ = build_from_config(config_args)
     if ckpt_path is not None:
@@ -176,13 +176,3 @@ def runtime_model_command(args: list[str]) -> None:
     print(f"Runtime model written to {options.output}")
     if options.evaluate:
         print(json.dumps(runtime_model.evaluate(network, n_samples=options.evaluate).to_dict(), indent=2))
-
-
-def sweep_command(args: list[str]) -> None:
-    """`cli.py sweep --config configs/sweeps/X.yaml`: search compression parameters (paper 002)."""
-    from compresslight.optional import require_extra
-
-    require_extra("sweep", "`cli.py sweep`")
-    from compresslight.sweep import sweep_command as run_sweep
-
-    run_sweep(args)

@@ -9,7 +9,7 @@ from compresslight.callbacks import QuantizationCallback
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from compresslight.commands import sweep_command
+from compresslight.cli import sweep_command
 from compresslight.optional import EXTRAS, require_extra
 
 ROOT = Path(__file__).parents[1]

@@ -49,7 +49,7 @@ def resolve_fit_config(args: Sequence[str]) -> dict[str, Any]:
         ValueError: if the arguments do not parse (unknown key, wrong type, missing file), with
             the parser's message.
     """
-    from compresslight.cli import cli_class, config_namespace  # the CLI imports this package's command lazily
+    from compresslight.lightning_cli import cli_class, config_namespace  # here: it imports Lightning
 
     class _ParseOnlyCLI(cli_class(config_namespace(list(args)))):
         def instantiate_classes(self) -> None:
