@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from compresslight.profiling.results import INFERENCE, MODES, TRAIN, ModelProfile
-from compresslight.profiling.side_by_side import SideBySideReport, format_speedup, side_by_side_note
+from compresslight.profiling.side_by_side import SideBySideReport, SideBySideResult, format_speedup, side_by_side_note
 
 SIDE_BY_SIDE = "side-by-side"
 TWO_TIME = "two-time"
@@ -176,6 +176,29 @@ def compare(
         ValueError: if the input shapes differ, or the environments differ and
             `allow_environment_mismatch` is False.
     """
+    mismatch = _check_comparable(baseline, compressed, allow_environment_mismatch)
+    theoretical = _ratio(baseline.flops, compressed.flops)
+    speedups, used = _observed_speedups(baseline, compressed, theoretical, side_by_side)
+    return SpeedupReport(
+        baseline_name=baseline.name,
+        compressed_name=compressed.name,
+        setting=compressed.environment.label,
+        environment_mismatch=mismatch,
+        params_compression=_ratio(baseline.params.bytes, compressed.params.bytes),
+        theoretical_speedup=theoretical,
+        memory_compression=_memory_compression(baseline, compressed),
+        speedups=speedups,
+        method=TWO_TIME if side_by_side is None else SIDE_BY_SIDE,
+        side_by_side=None if side_by_side is None else SideBySideReport(used).to_dict(),
+    )
+
+
+def _check_comparable(baseline: ModelProfile, compressed: ModelProfile, allow_environment_mismatch: bool) -> list[str]:
+    """The environment differences of the two profiles (warned about when allowed).
+
+    Raises:
+        ValueError: for different input shapes, or different environments when not allowed.
+    """
     if list(baseline.input_shape) != list(compressed.input_shape):
         raise ValueError(
             f"`compressed` was profiled with input shape {compressed.input_shape}, `baseline` with "
@@ -192,10 +215,13 @@ def compare(
                 message + " Profile both on the same machine with the same settings, or pass "
                 "`allow_environment_mismatch=True` to compare anyway."
             )
-        warnings.warn(message, UserWarning, stacklevel=2)
+        warnings.warn(message, UserWarning, stacklevel=3)  # 3: the caller of `compare`
         log.warning(message)
+    return mismatch
 
-    theoretical = _ratio(baseline.flops, compressed.flops)
+
+def _memory_compression(baseline: ModelProfile, compressed: ModelProfile) -> list[MemoryCompression]:
+    """Memory ratios at each batch size both profiles measured."""
     memory = []
     for base_memory in baseline.memory:
         other = compressed.memory_at(base_memory.batch_size)
@@ -211,6 +237,17 @@ def compare(
                 train=train,
             )
         )
+    return memory
+
+
+def _observed_speedups(
+    baseline: ModelProfile, compressed: ModelProfile, theoretical: float, side_by_side: SideBySideReport | None
+) -> tuple[list[ObservedSpeedup], list[SideBySideResult]]:
+    """One speedup per latency setting both profiles measured, and the side-by-side results used.
+
+    Two-time (a ratio of the two medians) without `side_by_side`; else the paired estimate of
+    the matching side-by-side result (a setting it lacks is logged and left out).
+    """
     speedups = []
     used = []
     env = compressed.environment
@@ -253,18 +290,7 @@ def compare(
                 rounds=paired.rounds,
             )
         )
-    return SpeedupReport(
-        baseline_name=baseline.name,
-        compressed_name=compressed.name,
-        setting=compressed.environment.label,
-        environment_mismatch=mismatch,
-        params_compression=_ratio(baseline.params.bytes, compressed.params.bytes),
-        theoretical_speedup=theoretical,
-        memory_compression=memory,
-        speedups=speedups,
-        method=TWO_TIME if side_by_side is None else SIDE_BY_SIDE,
-        side_by_side=None if side_by_side is None else SideBySideReport(used).to_dict(),
-    )
+    return speedups, used
 
 
 def compare_matching(
@@ -307,23 +333,21 @@ def speedup_markdown(reports: Sequence[SpeedupReport]) -> str:
     """
     if not reports:
         return "_No comparison: no baseline profile measured with the same settings._\n"
-    columns = list(dict.fromkeys((r.setting, s.backend) for r in reports for s in r.speedups))
-    rows = list(dict.fromkeys((m.batch_size, r.compressed_name) for r in reports for m in r.memory_compression))
-    rows.sort(key=lambda row: row[0])
+    lines = _speedup_preamble(reports)
+    for title, field in (("Observed speedup", "observed"), ("Observed / theoretical", "observed_over_theoretical")):
+        lines += _speedup_table(reports, title, field)
+    lines.append(
+        "Params compression: parameter bytes. Memory compression: estimated total of a train step (parameters, "
+        "buffers, input, gradients, saved activations; inference total where no train step was profiled). "
+        "Theoretical speedup: forward FLOPs at batch size 1. Observed speedup: latency, paired per round when "
+        "measured side by side (geometric mean over rounds, bootstrap interval), else the ratio of two medians. "
+        "All ratios baseline / compressed; `–`: not measured (ONNX Runtime is inference only)."
+    )
+    return "\n".join(lines) + "\n"
 
-    def report_for(method: str) -> SpeedupReport:
-        return next(r for r in reports if r.compressed_name == method)
 
-    def cell(method: str, batch_size: int, setting: str, backend: str, field: str) -> str:
-        report = next((r for r in reports if r.compressed_name == method and r.setting == setting), None)
-        if report is None:
-            return "–"
-        values = []
-        for mode in MODES:
-            entry = report.speedup(mode, batch_size, backend)
-            values.append("–" if entry is None else _cell(entry, field, report.theoretical_speedup))
-        return " / ".join(values)
-
+def _speedup_preamble(reports: Sequence[SpeedupReport]) -> list[str]:
+    """What the tables compare, how the speedups were measured, and any busy-machine or environment warning."""
     baseline_names = sorted({r.baseline_name for r in reports})
     lines = [
         f"Compression ratios and speedup against {', '.join(baseline_names)}. "
@@ -356,33 +380,46 @@ def speedup_markdown(reports: Sequence[SpeedupReport]) -> str:
                 f"environments ({'; '.join(report.environment_mismatch)}): observed speedups are not meaningful.**"
             )
             lines.append("")
-    for title, field in (("Observed speedup", "observed"), ("Observed / theoretical", "observed_over_theoretical")):
-        header = ["Batch Size", "Method", "Params Compression", "Memory Compression", "Theoretical Speedup"]
-        header += [f"{title}: Inference / Train ({setting}, {backend})" for setting, backend in columns]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for batch_size, method in rows:
-            report = report_for(method)
-            memory = report.memory_at(batch_size)
-            memory_ratio = math.nan if memory is None else memory.inference if memory.train is None else memory.train
-            row = [
-                str(batch_size),
-                method,
-                f"{report.params_compression:.2f}",
-                f"{memory_ratio:.2f}",
-                f"{report.theoretical_speedup:.2f}",
-            ]
-            row += [cell(method, batch_size, setting, backend, field) for setting, backend in columns]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    lines.append(
-        "Params compression: parameter bytes. Memory compression: estimated total of a train step (parameters, "
-        "buffers, input, gradients, saved activations; inference total where no train step was profiled). "
-        "Theoretical speedup: forward FLOPs at batch size 1. Observed speedup: latency, paired per round when "
-        "measured side by side (geometric mean over rounds, bootstrap interval), else the ratio of two medians. "
-        "All ratios baseline / compressed; `–`: not measured (ONNX Runtime is inference only)."
-    )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _speedup_table(reports: Sequence[SpeedupReport], title: str, field: str) -> list[str]:
+    """One table: a row per (batch size, method), an "Inference / Train" column per (setting, backend)."""
+    columns = list(dict.fromkeys((r.setting, s.backend) for r in reports for s in r.speedups))
+    rows = list(dict.fromkeys((m.batch_size, r.compressed_name) for r in reports for m in r.memory_compression))
+    rows.sort(key=lambda row: row[0])
+    header = ["Batch Size", "Method", "Params Compression", "Memory Compression", "Theoretical Speedup"]
+    header += [f"{title}: Inference / Train ({setting}, {backend})" for setting, backend in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for batch_size, method in rows:
+        report = next(r for r in reports if r.compressed_name == method)
+        memory = report.memory_at(batch_size)
+        memory_ratio = math.nan if memory is None else memory.inference if memory.train is None else memory.train
+        row = [
+            str(batch_size),
+            method,
+            f"{report.params_compression:.2f}",
+            f"{memory_ratio:.2f}",
+            f"{report.theoretical_speedup:.2f}",
+        ]
+        row += [_speedup_cell(reports, method, batch_size, setting, backend, field) for setting, backend in columns]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
+
+
+def _speedup_cell(
+    reports: Sequence[SpeedupReport], method: str, batch_size: int, setting: str, backend: str, field: str
+) -> str:
+    """The "inference / train" values of `field` for one method, batch size, setting and backend."""
+    report = next((r for r in reports if r.compressed_name == method and r.setting == setting), None)
+    if report is None:
+        return "–"
+    values = []
+    for mode in MODES:
+        entry = report.speedup(mode, batch_size, backend)
+        values.append("–" if entry is None else _cell(entry, field, report.theoretical_speedup))
+    return " / ".join(values)
 
 
 def speedup_summary(reports: Sequence[SpeedupReport]) -> str:

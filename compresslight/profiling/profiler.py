@@ -13,6 +13,7 @@ and the global RNG state (profiling must not shift the random stream of the trai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -85,41 +86,77 @@ def profile(
         def make_input(batch_size: int) -> torch.Tensor:
             return torch.randn((batch_size, *shape), generator=generator, device=target_device, dtype=dtype)
 
-        example = make_input(1)
         model.eval()
-        _check_input_accepted(model, example)
-        params = counting.count_parameters(model)
-        macs, layers, unattributed = counting.count_macs(model, example)
+        costs = _static_costs(model, make_input(1))
         do_train = train and _has_trainable_parameters(model, name)
 
         memory: list[MemoryProfile] = []
         latency: list[LatencyEntry] = []
+        timing = _Timing(target_device, used_threads, backends, warmup, iters)
         for batch_size in sizes:
             batch = make_input(batch_size)
-            blocker = train_mode_batch_norm_blocker(model, batch) if do_train else None
-            if blocker is not None:
-                log.warning("%s: no train-step measurements at batch size %d: %s", name, batch_size, blocker)
-            loss_fn = train_loss_fn(model, batch, generator) if do_train and blocker is None else None
-            memory.append(_memory_profile(model, batch, loss_fn, params, target_device, measure_memory))
-            for backend in backends:
-                latency.append(_inference_latency(model, batch, backend, target_device, used_threads, warmup, iters))
-            if loss_fn is not None:
-                latency.append(_train_latency(model, batch, loss_fn, target_device, warmup, iters))
+            loss_fn = _train_loss_or_none(model, batch, generator, name) if do_train else None
+            memory.append(_memory_profile(model, batch, loss_fn, costs["params"], target_device, measure_memory))
+            latency += _batch_latencies(model, batch, loss_fn, timing)
             log.info("Profiled %s at batch size %d on %s.", name, batch_size, environment.label)
 
     return ModelProfile(
-        name=name,
-        input_shape=list(shape),
-        environment=environment,
-        params=params,
-        macs=macs,
-        flops=2 * macs,
-        flop_counter=counting.FLOP_COUNTER,
-        layers=layers,
-        unattributed_macs=unattributed,
-        memory=memory,
-        latency=latency,
+        name=name, input_shape=list(shape), environment=environment, **costs, memory=memory, latency=latency
     )
+
+
+def _static_costs(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+    """Parameters and forward MACs at batch size 1 (the `ModelProfile` fields no batch size changes).
+
+    Raises:
+        ValueError: if the model rejects `example` (the message has the shape and its error).
+    """
+    _check_input_accepted(model, example)
+    params = counting.count_parameters(model)
+    macs, layers, unattributed = counting.count_macs(model, example)
+    return {
+        "params": params,
+        "macs": macs,
+        "flops": 2 * macs,
+        "flop_counter": counting.FLOP_COUNTER,
+        "layers": layers,
+        "unattributed_macs": unattributed,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timing:
+    """Where and how `profile` times each batch size."""
+
+    device: torch.device
+    threads: int
+    backends: Sequence[str]
+    warmup: int
+    iters: int
+
+
+def _train_loss_or_none(
+    model: nn.Module, batch: torch.Tensor, generator: torch.Generator, name: str
+) -> Callable[[Any], torch.Tensor] | None:
+    """The train step's loss function, or None (logged) when a train-mode BatchNorm cannot take `batch`."""
+    blocker = train_mode_batch_norm_blocker(model, batch)
+    if blocker is not None:
+        log.warning("%s: no train-step measurements at batch size %d: %s", name, len(batch), blocker)
+        return None
+    return train_loss_fn(model, batch, generator)
+
+
+def _batch_latencies(
+    model: nn.Module, batch: torch.Tensor, loss_fn: Callable[[Any], torch.Tensor] | None, timing: _Timing
+) -> list[LatencyEntry]:
+    """Inference latency on each backend, then the train step's when there is one."""
+    latency = [
+        _inference_latency(model, batch, backend, timing.device, timing.threads, timing.warmup, timing.iters)
+        for backend in timing.backends
+    ]
+    if loss_fn is not None:
+        latency.append(_train_latency(model, batch, loss_fn, timing.device, timing.warmup, timing.iters))
+    return latency
 
 
 def validate_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:

@@ -531,24 +531,44 @@ def compare_models(
                     batch = torch.randn((batch_size, *shape), generator=generator, device=target, dtype=dtype)
                     for backend in backends:
                         for mode in modes:
-                            if mode == TRAIN and backend != "torch":
-                                continue
-                            if mode == TRAIN and (blocker := _train_blocker(models, batch)) is not None:
-                                log.warning("Side by side: no train step at batch size %d: %s", batch_size, blocker)
-                                continue
                             setting = {
                                 "device": str(target), "threads": active_threads, "batch_size": batch_size,
                                 "backend": backend, "mode": mode,
                             }  # fmt: skip
-                            with _calls(models, batch, mode, backend, active_threads, generator) as calls:
-                                result = options.run(calls, baseline, device=target, setting=setting, progress=progress)
-                            results.append(result)
-                            log.info(
-                                "Side by side %s: %s (%d rounds, %s).", _setting_label(setting),
-                                ", ".join(f"{s.candidate} {s.label()} {s.verdict}" for s in result.speedups),
-                                result.rounds, result.stopped_because,
-                            )  # fmt: skip
+                            result = _run_setting(
+                                models, baseline, batch, setting, target, generator, options, progress
+                            )
+                            if result is not None:
+                                results.append(result)
     return SideBySideReport(results)
+
+
+def _run_setting(
+    models: Mapping[str, nn.Module],
+    baseline: str,
+    batch: torch.Tensor,
+    setting: dict[str, Any],
+    device: torch.device,
+    generator: torch.Generator,
+    options: SideBySide,
+    progress: bool | None,
+) -> SideBySideResult | None:
+    """The side-by-side rounds of one setting; None (logged when it is not obvious) for a train
+    step that cannot run: on ONNX Runtime, or a train-mode BatchNorm refusing the batch."""
+    mode, backend = setting["mode"], setting["backend"]
+    if mode == TRAIN and backend != "torch":
+        return None
+    if mode == TRAIN and (blocker := _train_blocker(models, batch)) is not None:
+        log.warning("Side by side: no train step at batch size %d: %s", setting["batch_size"], blocker)
+        return None
+    with _calls(models, batch, mode, backend, setting["threads"], generator) as calls:
+        result = options.run(calls, baseline, device=device, setting=setting, progress=progress)
+    log.info(
+        "Side by side %s: %s (%d rounds, %s).", _setting_label(setting),
+        ", ".join(f"{s.candidate} {s.label()} {s.verdict}" for s in result.speedups),
+        result.rounds, result.stopped_because,
+    )  # fmt: skip
+    return result
 
 
 @contextlib.contextmanager
