@@ -1,4 +1,5 @@
-"""Small builders shared by the tests: tiny data, a tiny Trainer, a tiny classifier."""
+"""Small builders shared by the tests: tiny data, a tiny Trainer, a tiny classifier, a fresh
+Python process."""
 
 import json
 import os
@@ -13,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from compresslight.classifier import ImageClassifier
 
 INPUT_SHAPE = (3, 16, 16)
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
 
 
 def tiny_loaders(num_classes: int = 4, samples: int = 32, batch_size: int = 8) -> tuple[DataLoader, DataLoader]:
@@ -54,6 +57,32 @@ def classifier(**kwargs) -> ImageClassifier:
     return ImageClassifier(**options)
 
 
+def run_python(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Runs `python *args` (this interpreter: `-c CODE`, or a script and its arguments) in a new process.
+
+    `cwd` has no default: `python -c` puts the working folder first on `sys.path`, and from the
+    repository root its own `compresslight/` would shadow the installed package (which alone has
+    `compresslight.callbacks`, from `callbacks/`): pass `tmp_path` unless the test runs the repo's
+    `cli.py` on purpose. With `check`, asserts the exit status is 0 and shows the stderr's tail.
+
+    Args:
+        env: the whole environment; default this one's with `OMP_NUM_THREADS=1`.
+    """
+    result = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"} if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 def run_ddp_script(tmp_path: Path, script_text: str, *args: str, timeout: int = 300) -> list[dict]:
     """Runs a 2-process DDP script (it launches its own ranks) in a fresh interpreter and returns
     the `rank0.json`, `rank1.json` reports it wrote to `tmp_path`, its first argument.
@@ -64,9 +93,5 @@ def run_ddp_script(tmp_path: Path, script_text: str, *args: str, timeout: int = 
     script.write_text(script_text)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_python(script, tmp_path, *args, cwd=tmp_path, timeout=timeout, env=env)
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -1,15 +1,13 @@
 """ImageClassifier: training, schedules, and checkpoints that replay compression records."""
 
 import math
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, classifier, run_python, tiny_loaders, tiny_trainer
 from record_kinds import SplitLinearRecord
 
 from compresslight.checkpoint import load_compressed_checkpoint
@@ -139,8 +137,7 @@ def test_checkpoint_replays_records_in_a_new_process(tmp_path):
         print("OK", len(model.compression_records))
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = run_python("-c", script, cwd=tmp_path, timeout=120)
     assert "OK 1" in result.stdout
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.datamodules import CIFAR10DataModule
 from compresslight.datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD
-from helpers import INPUT_SHAPE, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, run_python, tiny_loaders, tiny_trainer
 from torch import nn
 
 from compresslight.classifier import ImageClassifier
@@ -329,8 +327,7 @@ def test_pruned_option_a_checkpoint_replays_in_a_new_process(tmp_path: Path) -> 
         print(json.dumps(dict(out=model(x).tolist(), placement=shortcut.placement, width=shortcut.out_channels)))
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python("-c", script, cwd=tmp_path)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["placement"] == model.model.layer3[0].shortcut.placement
     assert report["width"] == model.model.layer3[0].conv2.out_channels < 64

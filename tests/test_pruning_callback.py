@@ -2,8 +2,6 @@
 process, a foreign LightningModule, unstructured mode and bad input."""
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from compresslight.callbacks.pruning import PruningCallback
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, classifier, run_python, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.nn import functional as F
@@ -151,8 +149,7 @@ def test_resume_in_a_new_process_replays_and_continues_the_schedule(tmp_path):
         )))
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python("-c", script, cwd=tmp_path)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["val"]["val/loss"] == pytest.approx(expected_val["val/loss"], rel=1e-5)
     assert report["val"]["val/top1"] == pytest.approx(expected_val["val/top1"])

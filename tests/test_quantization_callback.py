@@ -3,8 +3,6 @@ test start (float vs simulated accuracy, batches through the datamodule's transf
 model reloaded in a new process, QAT in the last epochs with a checkpoint that reloads, and bad input."""
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 from compresslight.callbacks.quantization import QuantizationCallback
 from compresslight.datamodules.base import VisionDataModule
-from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, classifier, run_ddp_script, run_python, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -238,8 +236,7 @@ def test_int8_model_is_written_measured_and_reloads_in_a_new_process(tmp_path):
         print(correct / total)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python("-c", script, cwd=tmp_path)
     assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(results["quant/val_top1_int8"])
 
 

@@ -1,12 +1,10 @@
 """The README's Python snippet runs as written (in a fresh process, in a scratch folder)."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -29,13 +27,5 @@ def test_readme_has_the_two_setup_commands():
 def test_readme_python_snippet_runs(tmp_path, index):
     script = tmp_path / "snippet.py"
     script.write_text(python_blocks()[index])
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(script, cwd=tmp_path, timeout=600)
     assert "Conv2d(3, 16" in result.stdout

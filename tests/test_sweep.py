@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from helpers import REPO, run_python
 from optuna.trial import TrialState
 
 from compresslight.sweep import (
@@ -40,7 +41,6 @@ from compresslight.sweep import (
 )
 from compresslight.sweep.paths import Index, Key, Keys, Selector
 
-REPO = Path(__file__).resolve().parents[1]
 RATIO_PATH = 'trainer.callbacks[PruningCallback].init_args.ratios["layer1.*.conv1"]'
 LATENCY = "profile/inference_latency_ms/bs1_t1_torch"
 
@@ -635,11 +635,7 @@ def test_reports_mark_the_base_schedule_and_the_pareto_front(tmp_path: Path) -> 
 
 
 def run_cli_sweep(sweep_file: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "sweep", "--config", str(sweep_file), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    return run_python(REPO / "cli.py", "sweep", "--config", sweep_file, *args, cwd=REPO, timeout=600, check=False)
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """Progress bars for long work outside the training loop, and a quiet torch profiler.
 
-`progress_bar` looks like Lightning's own `TQDMProgressBar` (tqdm, the same bar format, on
-stdout) and is off when stdout is not a terminal (logs, CI, pipes) or when the caller says so
-(e.g. the Trainer's progress bar is disabled): then it is a no-op object with the same methods.
+`progress_bar` is every compresslight bar outside the Trainer (profiling, runtime models, LC
+rank search, the sweep): it looks like Lightning's own `TQDMProgressBar` (tqdm, the same bar
+format, on stdout unless told) and is off when its stream is not a terminal (logs, CI, pipes) or
+when the caller says so (e.g. the Trainer's progress bar is disabled): then it is a no-op object
+with the same methods.
 
 `quiet_profiler_output` keeps the `STAGE:` / `USDT:` lines that the torch profiler's native
 code (Kineto) prints on every start and stop away from the user: they are written to file
@@ -17,7 +19,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -26,11 +28,12 @@ BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fm
 PROFILER_NOISE = ("STAGE:", "USDT:")
 
 
-def progress_enabled(enabled: bool | None = None) -> bool:
-    """Whether to draw bars: `enabled` if given (False wins), and only on a terminal."""
+def progress_enabled(enabled: bool | None = None, file: TextIO | None = None) -> bool:
+    """Whether to draw bars: `enabled` if given (False wins), and only when `file` (stdout by
+    default) is a terminal."""
     if enabled is False:
         return False
-    stream = sys.stdout
+    stream = sys.stdout if file is None else file
     return bool(getattr(stream, "isatty", None) and stream.isatty())
 
 
@@ -51,6 +54,9 @@ class _NoBar:
     def reset(self, total: int | None = None) -> None:
         self.n = 0
 
+    def refresh(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -61,20 +67,37 @@ class _NoBar:
         self.close()
 
 
-def progress_bar(total: int | None, desc: str, enabled: bool | None = None, leave: bool = False) -> Any:
+def progress_bar(
+    total: int | None,
+    desc: str,
+    enabled: bool | None = None,
+    leave: bool = False,
+    file: TextIO | None = None,
+    unit: str = "it",
+) -> Any:
     """A tqdm bar in Lightning's style, or a no-op stand-in when bars are off.
 
     Args:
         total: steps expected (None: unknown).
         desc: the label left of the bar.
         enabled: False turns it off (e.g. `trainer.progress_bar_callback is None`); None: on
-            when stdout is a terminal.
+            when `file` is a terminal.
         leave: keep the finished bar on screen.
+        file: where to draw it; stdout by default.
+        unit: what a step is, for the rate ("trial").
     """
-    if not progress_enabled(enabled):
+    stream = sys.stdout if file is None else file
+    if not progress_enabled(enabled, stream):
         return _NoBar()
     return tqdm(
-        total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=BAR_FORMAT
+        total=total,
+        desc=desc,
+        leave=leave,
+        dynamic_ncols=True,
+        file=stream,
+        smoothing=0,
+        unit=unit,
+        bar_format=BAR_FORMAT,
     )
 
 

@@ -1,7 +1,8 @@
 """The sweep's progress bar: trials done out of the budget, and the best result so far.
 
-tqdm, as Lightning's default progress bar; shown only when stderr is a terminal (a log file or CI
-gets the log lines alone), and log lines are printed above the bar instead of through it.
+The bar is `profiling.progress.progress_bar` (Lightning's bar style, one owner for every
+compresslight bar), on stderr here and shown only when stderr is a terminal (a log file or CI gets
+the log lines alone); log lines are printed above the bar instead of through it.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import optuna
 from optuna.trial import TrialState
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from compresslight.profiling.progress import progress_bar, progress_enabled
 from compresslight.sweep.spec import Objective
 
 
@@ -39,7 +40,7 @@ def best_so_far(study: optuna.Study, objectives: Sequence[Objective]) -> str:
 class SweepProgress:
     """Shows trials done out of `n_trials` and the best result so far; `update` after each trial."""
 
-    def __init__(self, bar: tqdm, objectives: Sequence[Objective]) -> None:
+    def __init__(self, bar: Any, objectives: Sequence[Objective]) -> None:
         self.bar = bar
         self.objectives = objectives
 
@@ -56,8 +57,8 @@ def sweep_progress(
 ) -> Iterator[SweepProgress]:
     """The progress bar of one worker's loop (disabled when `file`, stderr by default, is not a terminal)."""
     file = sys.stderr if file is None else file
-    enabled = hasattr(file, "isatty") and file.isatty()
-    bar = tqdm(total=n_trials, desc="Sweep", unit="trial", file=file, disable=not enabled, dynamic_ncols=True)
+    enabled = progress_enabled(file=file)
+    bar = progress_bar(n_trials, "Sweep", enabled=enabled, leave=True, file=file, unit="trial")
     try:
         with logging_redirect_tqdm() if enabled else contextlib.nullcontext():
             yield SweepProgress(bar, objectives)
