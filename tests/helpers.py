@@ -51,6 +51,11 @@ def tiny_convnet() -> torch.nn.Module:
     )  # fmt: skip
 
 
+def conv_widths(module: torch.nn.Module) -> dict[str, int]:
+    """Output channels of every Conv2d, by name: what pruning changes."""
+    return {name: layer.out_channels for name, layer in module.named_modules() if isinstance(layer, torch.nn.Conv2d)}
+
+
 def classifier(**kwargs) -> ImageClassifier:
     options = dict(arch="resnet20", num_classes=4, input_shape=INPUT_SHAPE, lr=0.05)
     options.update(kwargs)

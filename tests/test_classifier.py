@@ -2,18 +2,15 @@
 
 import math
 import textwrap
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import INPUT_SHAPE, classifier, run_python, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, TESTS_DIR, classifier, run_python, tiny_loaders, tiny_trainer
 from record_kinds import SplitLinearRecord
 
 from compresslight.checkpoint import load_compressed_checkpoint
 from compresslight.classifier import ImageClassifier
-
-TESTS_DIR = Path(__file__).parent
 
 
 @pytest.mark.parametrize("lr_schedule", ["multistep", "cosine", "onecycle", "exponential", "constant"])

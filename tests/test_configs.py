@@ -16,12 +16,11 @@ import torch
 import yaml
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.datamodules import ImageFolderDataModule, SyntheticDataModule
+from helpers import REPO, conv_widths
 from pytorch_lightning.callbacks import Callback
-from torch import nn
 
 from compresslight.cli import build_from_config
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
@@ -116,10 +115,6 @@ def test_a_broken_config_fails(tmp_path, capsys):
 def pruning_callback(trainer: pl.Trainer) -> PruningCallback:
     (callback,) = [callback for callback in trainer.callbacks if isinstance(callback, PruningCallback)]
     return callback
-
-
-def conv_widths(module: nn.Module) -> dict[str, int]:
-    return {name: layer.out_channels for name, layer in module.named_modules() if isinstance(layer, nn.Conv2d)}
 
 
 def prune_in_setup(model: pl.LightningModule, callback: Callback, tmp_path: Path) -> None:

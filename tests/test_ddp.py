@@ -8,16 +8,13 @@ per extra rank, which needs a real script file (not `python -c`) and keeps pytes
 
 import hashlib
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import INPUT_SHAPE, run_ddp_script
+from helpers import INPUT_SHAPE, TESTS_DIR, conv_widths, run_ddp_script
 from torch import nn
 
 from compresslight.classifier import ImageClassifier
-
-TESTS_DIR = Path(__file__).parent
 
 # Each rank writes `rank{N}.json` after fit: conv widths, a hash of its parameters right after the
 # prune and after fit, and whether its optimizer holds exactly the module's parameters.
@@ -88,10 +85,6 @@ def parameter_hash(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(param.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def conv_widths(module: nn.Module) -> dict[str, int]:
-    return {name: layer.out_channels for name, layer in module.named_modules() if isinstance(layer, nn.Conv2d)}
 
 
 @pytest.mark.slow

@@ -4,25 +4,17 @@ the LightningModule, a teacher for other classes is refused, and the "self" teac
 uncompressed model next to a PruningCallback."""
 
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from compresslight.callbacks.distillation import DistillationCallback
 from compresslight.callbacks.pruning import PruningCallback
-from helpers import classifier, run_ddp_script, tiny_loaders, tiny_trainer
+from helpers import TESTS_DIR, classifier, conv_widths, run_ddp_script, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback
-from torch import nn
 from torch.nn import functional as F
 
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.distillation import distillation_loss
-
-TESTS_DIR = Path(__file__).parent
-
-
-def conv_widths(module: nn.Module) -> dict[str, int]:
-    return {name: layer.out_channels for name, layer in module.named_modules() if isinstance(layer, nn.Conv2d)}
 
 
 @pytest.fixture(scope="module")

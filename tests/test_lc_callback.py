@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from compresslight.callbacks.lc import LCCallback
-from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, TESTS_DIR, classifier, run_ddp_script, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -20,8 +20,6 @@ from compresslight.compression.lc import FlopsCost, LowRankLC, c_step_layer, cho
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import RuntimeModel
 from compresslight.registry import create_model
-
-TESTS_DIR = Path(__file__).parent
 
 # Tuned on resnet20 at 16x16 so that the C steps choose intermediate ranks for the first stage
 # and keep the rest dense: both outcomes are exercised.

@@ -13,7 +13,7 @@ import torch
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.datamodules import CIFAR10DataModule
 from compresslight.datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD
-from helpers import INPUT_SHAPE, run_python, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, TESTS_DIR, run_python, tiny_loaders, tiny_trainer
 from torch import nn
 
 from compresslight.classifier import ImageClassifier
@@ -21,7 +21,6 @@ from compresslight.compression.pruning import PruningRecord, ZeroPadShortcutPrun
 from compresslight.models.resnet_a import ZeroPadShortcut
 from compresslight.registry import create_model
 
-TESTS_DIR = Path(__file__).resolve().parent
 PRETRAINED = TESTS_DIR.parent.parent / "shared" / "pretrained"
 PUBLISHED = {"resnet20_a": "resnet20-12fca82f.th", "resnet56_a": "resnet56-4bfd9763.th"}
 

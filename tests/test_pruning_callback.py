@@ -3,13 +3,12 @@ process, a foreign LightningModule, unstructured mode and bad input."""
 
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from compresslight.callbacks.pruning import PruningCallback
-from helpers import INPUT_SHAPE, classifier, run_python, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, TESTS_DIR, classifier, conv_widths, run_python, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.nn import functional as F
@@ -17,12 +16,6 @@ from torch.nn import functional as F
 from compresslight.checkpoint import load_compressed_checkpoint
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.pruning import sparsity
-
-TESTS_DIR = Path(__file__).parent
-
-
-def conv_widths(module: nn.Module) -> dict[str, int]:
-    return {name: layer.out_channels for name, layer in module.named_modules() if isinstance(layer, nn.Conv2d)}
 
 
 def test_one_shot_prunes_in_setup_before_optimizers_exist(tmp_path):

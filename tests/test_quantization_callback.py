@@ -10,7 +10,7 @@ import pytest
 import torch
 from compresslight.callbacks.quantization import QuantizationCallback
 from compresslight.datamodules.base import VisionDataModule
-from helpers import INPUT_SHAPE, classifier, run_ddp_script, run_python, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, TESTS_DIR, classifier, run_ddp_script, run_python, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -19,7 +19,6 @@ from compresslight.classifier import ImageClassifier
 from compresslight.compression.quantization import ActivationQuantizer, FakeQuantConv2d
 from compresslight.evaluation import evaluate_top1
 
-TESTS_DIR = Path(__file__).parent
 FAST = dict(calibration_batches=2, int8=False, latency_batch_sizes=[])
 
 

@@ -5,7 +5,6 @@ import copy
 import logging
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -13,7 +12,7 @@ import torch
 from compresslight.callbacks.profile import ProfileCallback
 from compresslight.callbacks.pruning import PruningCallback
 from compresslight.callbacks.quantization import QuantizationCallback
-from helpers import INPUT_SHAPE, classifier, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, REPO, classifier, tiny_loaders, tiny_trainer
 from thirdparty_models import (
     BatchNorm1dHead,
     ConcatResidual,
@@ -35,8 +34,6 @@ from compresslight.evaluation import logits_of
 from compresslight.profiling.profiler import profile
 from compresslight.profiling.results import INFERENCE, TRAIN
 from compresslight.registry import create_model
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def example_batch() -> torch.Tensor:

@@ -4,23 +4,19 @@ bad input."""
 
 import csv
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from compresslight.callbacks.tucker import TuckerVBMFCallback
-from helpers import INPUT_SHAPE, classifier, run_ddp_script, tiny_loaders, tiny_trainer
+from helpers import INPUT_SHAPE, TESTS_DIR, classifier, run_ddp_script, run_python, tiny_loaders, tiny_trainer
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.tucker import SVDSplit, TuckerConv2d, TuckerRecord
-
-TESTS_DIR = Path(__file__).parent
 
 
 def layer_types(module: nn.Module) -> dict[str, type]:
@@ -275,8 +271,7 @@ def test_checkpoint_reloads_in_a_new_process_without_the_callback(tmp_path):
         print(json.dumps(dict(error=error, layer=type(loaded.model.layer1[0].conv1).__name__)))
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python("-c", script, cwd=tmp_path)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["layer"] == "TuckerConv2d"
     assert report["error"] < 1e-5

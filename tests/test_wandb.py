@@ -3,14 +3,10 @@ the offline run holds the keys a dashboard needs (compression and profile)."""
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).parents[1]
+from helpers import REPO, run_python
 
 
 @pytest.mark.slow  # a real CLI fit in a new process plus W&B's offline service: ~30 s
@@ -47,26 +43,13 @@ def test_cli_fit_with_wandb_logger_runs_offline_and_logs_dashboard_keys(tmp_path
     config_path.write_text(yaml.safe_dump(config))
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB")}
     env.update(OMP_NUM_THREADS="1", HOME=str(tmp_path), WANDB_SILENT="true")  # no account, no netrc
-    result = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(REPO / "cli.py", "fit", "--config", config_path, cwd=tmp_path, env=env)
     assert "W&B runs are written offline" in result.stderr + result.stdout, (result.stderr[:2000], result.stdout[:500])
     run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
     # The offline run's transaction log, read with W&B's own inspector (`wandb leet inspect`).
-    records = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dirs[0])],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    records = run_python(
+        "-m", "wandb", "leet", "inspect", "--json", run_dirs[0], cwd=tmp_path, env=env, timeout=120
     ).stdout.splitlines()
     logged: dict = {}
     for line in records:
