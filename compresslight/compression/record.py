@@ -88,10 +88,10 @@ def replay(model: nn.Module, records: Iterable[CompressionRecord | Mapping[str, 
 
     Returns the records as record objects.
 
-    The one replay function: checkpoints, callbacks and the CLI all go through it.
+    The one replay function: checkpoints, callbacks and the CLI all go through it. The built-in
+    record kinds are registered: importing this module ran `compresslight.compression`'s
+    `__init__` first, which imports every module that defines one.
     """
-    import compresslight.compression  # noqa: F401  (registers the built-in record kinds)
-
     applied = []
     for record in records:
         record = as_record(record)
