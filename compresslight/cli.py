@@ -38,6 +38,7 @@ __all__ = [
     "config_namespace",
     "find_last_checkpoint",
     "main",
+    "sweep_command",
     "use_wandb_offline_without_account",
 ]
 
