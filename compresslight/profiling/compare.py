@@ -271,7 +271,7 @@ def _observed_speedups(
         setting = dict(kind, threads=env.threads, device=env.device)
         result = side_by_side.result_for(**setting)
         paired = None if result is None else next((p for p in result.speedups if p.candidate == compressed.name), None)
-        if paired is None:
+        if result is None or paired is None:
             log.warning("No side-by-side measurement of %r for %s; not compared.", compressed.name, setting)
             continue
         used.append(result)
