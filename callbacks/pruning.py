@@ -32,13 +32,9 @@ from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
-from compresslight.compression.pruning import (
-    make_pruning_permanent,
-    prunable_groups,
-    prune_filters,
-    prune_unstructured,
-    sparsity,
-)
+from compresslight.compression.pruning import prune_filters
+from compresslight.compression.pruning_graph import prunable_groups
+from compresslight.compression.unstructured import make_pruning_permanent, prune_unstructured, sparsity
 
 log = logging.getLogger(__name__)
 

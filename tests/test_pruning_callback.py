@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from compresslight.checkpoint import load_compressed_checkpoint
 from compresslight.classifier import ImageClassifier
-from compresslight.compression.pruning import sparsity
+from compresslight.compression.unstructured import sparsity
 
 TESTS_DIR = Path(__file__).parent
 
