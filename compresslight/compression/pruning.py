@@ -161,29 +161,25 @@ def prune_filters(
             layer, a model holding unstructured pruning masks, or a layer torch-pruning would
             touch that records cannot replay. `model` is untouched.
     """
-    options = PruningOptions(
-        amount=amount,
-        ratios=ratios or {},
-        norm=norm,
-        round_to=round_to,
-        ignored_layers=ignored_layers,
-        importance=importance,
-        global_pruning=global_pruning,
-    )
+    options = PruningOptions(amount, ratios or {}, norm, round_to, ignored_layers, importance, global_pruning)
     if not options.has_target:
         raise ValueError("Give `amount` (every layer) or `ratios` (layer patterns), got neither.")
-    masked = masked_parameters(model)
-    if masked:
-        raise ValueError(
-            f"`model` holds unstructured pruning masks ({masked[:5]}); call `make_pruning_permanent(model)` "
-            "before structured pruning."
-        )
+    _refuse_masks(model)
     # torch-pruning traces and prunes a copy: `model` stays as it is until the record is known.
     work = traceable_copy(model)
     record = _prune_copy(work, inputs_on(work, example_inputs), options)
     record.settings = options.to_dict()
     _replay_on(model, record, work)
     return record
+
+
+def _refuse_masks(model: nn.Module) -> None:
+    masked = masked_parameters(model)
+    if masked:
+        raise ValueError(
+            f"`model` holds unstructured pruning masks ({masked[:5]}); call `make_pruning_permanent(model)` "
+            "before structured pruning."
+        )
 
 
 def _prune_copy(work: nn.Module, inputs: ExampleInputs, options: PruningOptions) -> PruningRecord:
