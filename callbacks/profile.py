@@ -31,7 +31,6 @@ Under DDP only global rank 0 profiles; the others skip, and nothing here is a co
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,19 +41,18 @@ from typing_extensions import override
 
 from compresslight import lightning_compat as pl
 from compresslight.lightning_compat import Callback
-from compresslight.profiling import (
-    ModelProfile,
-    SpeedupReport,
-    compare_matching,
-    profile_settings,
-    resolve_device,
-    write_report,
-)
-from compresslight.profiling.backends import validate_backends
+from compresslight.profiling import ModelProfile, SpeedupReport, compare_matching, write_report
 from compresslight.profiling.compare import speedup_summary
+from compresslight.profiling.fit_report import (
+    ProfileOptions,
+    frozen_copy,
+    measure_against_baseline,
+    measurements_table,
+    profile_model,
+    resolve_input_shape,
+)
 from compresslight.profiling.keys import profile_metrics
-from compresslight.profiling.report import PLOT_NAME, measure_side_by_side
-from compresslight.profiling.side_by_side import SideBySide
+from compresslight.profiling.report import PLOT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -111,44 +109,21 @@ class ProfileCallback(Callback):
         confidence: float = 0.95,
     ) -> None:
         super().__init__()
-        batch_sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
-        if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in batch_sizes):
-            raise ValueError(f"`batch_sizes` must be a non-empty list of ints > 0, got {batch_sizes!r}.")
-        if isinstance(devices, (str, torch.device)):
-            devices = [devices]
-        self.devices = None if devices is None else [str(resolve_device(d)) for d in devices]
-        thread_list = [threads] if threads is None or isinstance(threads, int) else list(threads)
-        if not thread_list or any(
-            t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1) for t in thread_list
-        ):
-            raise ValueError(f"`threads` must be an int >= 1, a list of them, or None, got {threads!r}.")
-        if isinstance(backends, str):
-            backends = [backends]
-        validate_backends(backends)
-        for device in self.devices or ():
-            validate_backends(backends, torch.device(device))
-        if warmup < 0:
-            raise ValueError(f"`warmup` must be >= 0, got {warmup!r}.")
-        if iters < 1:
-            raise ValueError(f"`iters` must be >= 1, got {iters!r}.")
-        if input_shape is not None and (
-            not list(input_shape) or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in input_shape)
-        ):
-            raise ValueError(
-                "`input_shape` must be positive ints without the batch dimension, e.g. (3, 32, 32), "
-                f"got {input_shape!r}."
-            )
+        self.options = ProfileOptions(
+            batch_sizes=batch_sizes,
+            devices=devices,
+            threads=threads,
+            warmup=warmup,
+            iters=iters,
+            backends=backends,
+            input_shape=input_shape,
+            min_rounds=min_rounds,
+            max_rounds=max_rounds,
+            target_width=target_width,
+            time_budget_s=time_budget_s,
+            confidence=confidence,
+        )
         self.side_by_side = side_by_side
-        self.rounds = SideBySide(
-            warmup=warmup, iters=iters, min_rounds=min_rounds, max_rounds=max_rounds, target_width=target_width,
-            time_budget_s=time_budget_s, confidence=confidence,
-        )  # fmt: skip
-        self.batch_sizes = batch_sizes
-        self.threads = thread_list
-        self.warmup = warmup
-        self.iters = iters
-        self.backends = list(dict.fromkeys(backends))
-        self.input_shape = None if input_shape is None else list(input_shape)
         self.profile_on_fit_start = on_fit_start
         self.profile_on_fit_end = on_fit_end
         self.after_compression = after_compression
@@ -163,8 +138,9 @@ class ProfileCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
+        options = self.options
         return self._generate_state_key(
-            batch_sizes=self.batch_sizes, devices=self.devices, threads=self.threads, backends=self.backends
+            batch_sizes=options.batch_sizes, devices=options.devices, threads=options.threads, backends=options.backends
         )
 
     @override
@@ -200,7 +176,7 @@ class ProfileCallback(Callback):
     def _profile_baseline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.baseline = self._profile(trainer, pl_module, name="baseline")
         if self.side_by_side:
-            self.baseline_model = _frozen_copy(pl_module)
+            self.baseline_model = frozen_copy(pl_module)
         self._log_metrics(trainer, self.baseline, [])
         self._write(trainer, pl_module)
 
@@ -241,12 +217,17 @@ class ProfileCallback(Callback):
                 "copied); falling back to the TWO-TIME comparison, labelled so in the report."
             )
         elif self.side_by_side and self.baseline:
-            paired = measure_side_by_side(
-                self.baseline_model, pl_module, self._resolve_input_shape(trainer, pl_module),
-                baseline_name=self.baseline[0].name, name=name, devices=self._devices(trainer), threads=self.threads,
-                options=self.rounds, progress=self._progress, batch_sizes=self.batch_sizes, backends=self.backends,
+            paired = measure_against_baseline(
+                self.baseline_model,
+                pl_module,
+                self._resolve_input_shape(trainer, pl_module),
+                self.options,
+                baseline_name=self.baseline[0].name,
+                name=name,
+                devices=self._devices(trainer),
                 train=not _has_synced_batch_norm(trainer, pl_module),
-            )  # fmt: skip
+                progress=self._progress,
+            )
         # A run resumed on another machine has a baseline from elsewhere: compare anyway, with
         # the warning `compare` emits and the differences written into the report.
         self.reports = compare_matching(
@@ -259,38 +240,22 @@ class ProfileCallback(Callback):
         # `pl_module` is the bare module, not the DDP wrapper: its forward runs no collective, and
         # DDP's gradient hooks stay idle outside a wrapped forward/backward (the reducer only
         # expects gradients after DDP's own forward), so rank 0 can run train steps alone.
-        return profile_settings(
+        return profile_model(
             pl_module,
             self._resolve_input_shape(trainer, pl_module),
+            self.options,
             devices=self._devices(trainer),
-            threads=self.threads,
-            batch_sizes=self.batch_sizes,
-            warmup=self.warmup,
-            iters=self.iters,
-            backends=self.backends,
             train=not _has_synced_batch_norm(trainer, pl_module),
             name=name,
             progress=self._progress,
         )
 
     def _devices(self, trainer: pl.Trainer) -> list[str]:
-        return self.devices or [str(trainer.strategy.root_device)]
+        return self.options.devices or [str(trainer.strategy.root_device)]
 
     def _resolve_input_shape(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[int]:
-        if self.input_shape is not None:
-            return self.input_shape
         datamodule_shape = getattr(trainer.datamodule, "input_shape", None)
-        if datamodule_shape is not None:
-            return list(datamodule_shape)
-        example = pl_module.example_input_array
-        if isinstance(example, (tuple, list)) and example:
-            example = example[0]
-        if isinstance(example, torch.Tensor):
-            return list(example.shape[1:])
-        raise ValueError(
-            "ProfileCallback needs an input shape: pass `input_shape=(C, H, W)`, or use a datamodule with an "
-            "`input_shape` attribute, or set `example_input_array` on the LightningModule; found none."
-        )
+        return resolve_input_shape(self.options.input_shape, datamodule_shape, pl_module.example_input_array)
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out_dir = self._log_dir if self._log_dir is not None else Path(self.output_dir or trainer.default_root_dir)
@@ -300,7 +265,7 @@ class ProfileCallback(Callback):
         log.info("ProfileCallback wrote %s.%s", out_dir / "profile.md", summary)
         for logger in trainer.loggers:
             if pl.is_wandb_logger(logger):
-                columns, rows = _table(self.baseline, self.latest)
+                columns, rows = measurements_table(self.baseline, self.latest)
                 logger.log_table(key="profile/table", columns=columns, data=rows)
                 plot = out_dir / PLOT_NAME
                 if self.reports and plot.is_file():
@@ -313,51 +278,12 @@ class ProfileCallback(Callback):
             logger.save()
 
 
-def _frozen_copy(pl_module: pl.LightningModule) -> torch.nn.Module | None:
-    """A CPU copy of the module as it is now (the side-by-side baseline), or None if it cannot be copied."""
-    try:
-        # LightningModule.__getstate__ drops the trainer, so this copies the network only.
-        frozen = copy.deepcopy(pl_module)
-    except Exception as error:  # noqa: BLE001 - any copy failure means: fall back, and say why
-        log.warning(
-            "ProfileCallback: could not copy the baseline model (%s: %s); the comparison at fit end will be "
-            "TWO-TIME.", type(error).__name__, error,
-        )  # fmt: skip
-        return None
-    return frozen.cpu()
-
-
 def _has_synced_batch_norm(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
     # A train-mode SyncBatchNorm all-reduces its statistics: on rank 0 alone that would hang.
     synced = trainer.world_size > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules())
     if synced:
         log.warning("ProfileCallback: SyncBatchNorm under DDP; profiling inference only (a train step would hang).")
     return synced
-
-
-def _table(baseline: list[ModelProfile], latest: list[ModelProfile]) -> tuple[list[str], list[list[Any]]]:
-    columns = [
-        "model", "setting", "backend", "mode", "batch_size", "median_ms", "min_ms", "max_ms",
-        "images_per_s", "params", "macs",
-    ]  # fmt: skip
-    rows = [
-        [
-            p.name,
-            p.environment.label,
-            e.backend,
-            e.mode,
-            e.batch_size,
-            e.median_ms,
-            e.stats.min_s * 1e3,
-            e.stats.max_s * 1e3,
-            e.images_per_s,
-            p.params.total,
-            p.macs,
-        ]  # fmt: skip
-        for p in (*baseline, *latest)
-        for e in p.latency
-    ]
-    return columns, rows
 
 
 __all__ = ["ProfileCallback"]

@@ -14,28 +14,30 @@ Schedules (all expressible in YAML):
 `ModelPruning` does): masks are kept through training and made permanent at the end. It is
 there for comparison: it removes no channel, so the profile shows it buys no speed.
 
-The algorithm is `compresslight.compression.pruning`; the Trainer plumbing (optimizer rebuild,
-DDP, records in checkpoints, logging) is `StructuralCompressionCallback`.
+The algorithms are `compresslight.compression.pruning` (with its validated `PruningOptions`),
+`compresslight.compression.schedules` and `compresslight.compression.unstructured`; the Trainer
+plumbing (optimizer rebuild, DDP, records in checkpoints, logging) is `StructuralCompressionCallback`.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import torch
 from compresslight.callbacks.latency_budget import LatencyBudget
 from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
-from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
-from compresslight.compression.pruning import (
+from compresslight.compression.latency_budget import LatencyBudgetOptions
+from compresslight.compression.pruning import PruningOptions, match_ratios, prune_filters
+from compresslight.compression.pruning_graph import prunable_groups
+from compresslight.compression.schedules import PruningSchedule, final_group_ratios, step_ratios_toward
+from compresslight.compression.unstructured import (
+    fold_pruning_masks,
     make_pruning_permanent,
-    prunable_groups,
-    prune_filters,
     prune_unstructured,
     sparsity,
 )
@@ -124,7 +126,7 @@ class PruningCallback(StructuralCompressionCallback):
                     "`target_speedup` / `target_latency_ms` choose the widths themselves: give neither `amount` nor "
                     f"`ratios` and keep `mode`='structured', got amount={amount!r}, ratios={ratios!r}, mode={mode!r}."
                 )
-            self.latency_budget = LatencyBudget(
+            options = LatencyBudgetOptions(
                 target_speedup=target_speedup,
                 target_latency_ms=target_latency_ms,
                 backend=latency_backend,
@@ -136,33 +138,28 @@ class PruningCallback(StructuralCompressionCallback):
                 remove_blocks=remove_blocks,
                 allocation=allocation,
                 measure_rounds=measure_rounds,
-                ignored_layers=list(ignored_layers),
+                ignored_layers=ignored_layers,
             )
+            self.latency_budget = LatencyBudget(options)
         elif amount is None and not ratios:
             raise ValueError(
                 "PruningCallback needs `amount` or `ratios` (or a latency target: `target_speedup`, "
                 "`target_latency_ms`), got none."
             )
-        for name, ratio in {"amount": amount, **{f"ratios[{k!r}]": v for k, v in (ratios or {}).items()}}.items():
-            if ratio is not None and not 0 <= ratio < 1:
-                raise ValueError(f"`{name}` must be in [0, 1), got {ratio!r}.")
-        if norm not in (1, 2):
-            raise ValueError(f"`norm` must be 1 or 2, got {norm!r}.")
-        if importance not in ("group", "filter"):
-            raise ValueError(f"`importance` must be 'group' or 'filter', got {importance!r}.")
+        self.options = PruningOptions(
+            amount=amount,
+            ratios=ratios or {},
+            norm=norm,
+            round_to=round_to,
+            ignored_layers=ignored_layers,
+            importance=importance,
+        )
         if mode not in ("structured", "unstructured"):
             raise ValueError(f"`mode` must be 'structured' or 'unstructured', got {mode!r}.")
         if mode == "unstructured" and ratios:
             raise ValueError("`ratios` (per-group structured pruning) cannot be used with `mode`='unstructured'.")
-        self.amount = amount
-        self.ratios = dict(ratios or {})
-        self.norm = norm
-        self.importance = importance
-        self.round_to = round_to
-        self.ignored_layers = list(ignored_layers)
         self.mode = mode
-        self.epochs = _schedule_epochs(epochs, start_epoch, end_epoch, frequency)
-        self.targets = _schedule_targets(self.epochs, targets, ramp)
+        self.schedule = PruningSchedule.build(epochs, targets, start_epoch, end_epoch, frequency, ramp)
         self.completed_epochs: list[int] = []
         # Prunable layer -> (original width, final ratio), fixed at the first step.
         self.original_channels: dict[str, tuple[int, float]] = {}
@@ -170,9 +167,9 @@ class PruningCallback(StructuralCompressionCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(module_path=self.module_path, amount=self.amount, ratios=self.ratios)
-
-    # --- schedule ----------------------------------------------------------------------------
+        return self._generate_state_key(
+            module_path=self.module_path, amount=self.options.amount, ratios=self.options.ratios
+        )
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -182,22 +179,22 @@ class PruningCallback(StructuralCompressionCallback):
             self.latency_budget.prepare(self.target_module(pl_module), find_example_inputs(trainer, pl_module))
         # On resume, a restored checkpoint replaces this edit with its own records (see
         # `StructuralCompressionCallback`), and the restored state marks epoch 0 done.
-        if stage == "fit" and 0 in self.epochs and 0 not in self.completed_epochs:
+        if stage == "fit" and 0 in self.schedule.epochs and 0 not in self.completed_epochs:
             self._prune(trainer, pl_module, 0)
-        elif stage == "fit" and self.ratios:
+        elif stage == "fit" and self.options.ratios:
             # A pattern that matches nothing fails now, not after the epochs before the first pruning one.
             inputs = find_example_inputs(trainer, pl_module)
-            groups = prunable_groups(self.target_module(pl_module), inputs, self.ignored_layers)
-            self._check_ratio_patterns([name for group in groups for name in group])
+            groups = prunable_groups(self.target_module(pl_module), inputs, self.options.ignored_layers)
+            match_ratios(self.options.ratios, [name for group in groups for name in group])
 
     @override
     def pending_epochs(self, trainer: pl.Trainer) -> list[int]:
-        return [epoch for epoch in self.epochs if epoch not in self.completed_epochs]
+        return [epoch for epoch in self.schedule.epochs if epoch not in self.completed_epochs]
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch in self.epochs and epoch not in self.completed_epochs:
+        if epoch in self.schedule.epochs and epoch not in self.completed_epochs:
             self._prune(trainer, pl_module, epoch)
 
     @override
@@ -209,9 +206,9 @@ class PruningCallback(StructuralCompressionCallback):
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         target = self.target_module(pl_module)
-        goal = self.targets[self.epochs.index(epoch)]
+        goal = self.schedule(epoch)
         if self.mode == "unstructured":
-            prune_unstructured(target, amount=self.amount * goal)  # weight magnitude: the norm is moot
+            prune_unstructured(target, amount=self.options.amount * goal)  # weight magnitude: the norm is moot
             sparsity_now = sparsity(target)
             for logger in trainer.loggers:
                 logger.log_metrics({"compression/sparsity": sparsity_now}, step=trainer.global_step)
@@ -221,85 +218,18 @@ class PruningCallback(StructuralCompressionCallback):
         else:
             inputs = find_example_inputs(trainer, pl_module)
             if not self.original_channels:
-                self.original_channels = self._final_ratios(target, inputs)
-            ratios = self._step_ratios(target, goal)
+                groups = prunable_groups(target, inputs, self.options.ignored_layers)
+                self.original_channels = final_group_ratios(target, groups, self.options.ratios, self.options.amount)
+            ratios = step_ratios_toward(target, self.original_channels, goal)
             if ratios:
+                step = dataclasses.replace(self.options, amount=None, ratios=ratios)
                 self.apply_edit(
                     trainer,
                     pl_module,
-                    lambda module: prune_filters(
-                        module,
-                        ratios=ratios,
-                        norm=self.norm,
-                        importance=self.importance,
-                        round_to=self.round_to,
-                        ignored_layers=self.ignored_layers,
-                        example_inputs=inputs,
-                    ),
+                    lambda module: prune_filters(module, example_inputs=inputs, **step.to_dict()),
                     example_inputs=inputs,
                 )
         self.completed_epochs.append(epoch)
-
-    def _final_ratios(self, target: nn.Module, inputs: torch.Tensor) -> dict[str, tuple[int, float]]:
-        """Each coupled group's root: its original width and the group's final ratio (last
-        matching pattern wins, then `amount`).
-
-        One ratio per group, as `prune_filters` applies them: per-layer ratios of the current
-        widths would differ between coupled layers of different widths.
-
-        Raises:
-            ValueError: for a pattern that matches no prunable layer, or two different ratios on
-                the layers of one coupled group.
-        """
-        groups = prunable_groups(target, inputs, self.ignored_layers)
-        prunable = [name for group in groups for name in group]
-        self._check_ratio_patterns(prunable)
-        layers = dict(target.named_modules())
-        final = {}
-        for group in groups:
-            given = {}
-            for name in group:
-                for pattern, pattern_ratio in self.ratios.items():
-                    if fnmatch.fnmatchcase(name, pattern):
-                        given[name] = pattern_ratio
-            if len(set(given.values())) > 1:
-                raise ValueError(
-                    f"Layers {group} are coupled (they share channels, e.g. through a residual add) and must be "
-                    f"pruned together, but `ratios` gives them different ratios {given}."
-                )
-            ratio = next(iter(given.values())) if given else (self.amount or 0.0)
-            if ratio > 0:
-                root = layers[group[0]]
-                final[group[0]] = (root.out_features if isinstance(root, nn.Linear) else root.out_channels, ratio)
-        return final
-
-    def _check_ratio_patterns(self, prunable: list[str]) -> None:
-        for pattern in self.ratios:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in prunable):
-                raise ValueError(
-                    f"`ratios` pattern {pattern!r} matches no prunable layer; prunable layers: {prunable}."
-                )
-
-    def _step_ratios(self, target: nn.Module, goal: float) -> dict[str, float]:
-        """Per-layer fractions of the *current* channels that bring each layer to
-        `goal` x its final ratio of the *original* channels.
-
-        Counting against the original widths keeps a multi-step schedule from drifting by a
-        rounding error per step.
-        """
-        layers = dict(target.named_modules())
-        ratios = {}
-        for name, (original, final_ratio) in self.original_channels.items():
-            layer = layers[name]
-            current = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-            keep = int(original * (1 - final_ratio * goal))  # torch-pruning's rounding
-            if keep < current:
-                # torch-pruning keeps int(current * (1 - ratio)) channels; the half channel
-                # makes that land on `keep` despite floating-point error.
-                ratios[name] = 1 - (keep + 0.5) / current
-        return ratios
-
-    # --- checkpoints -------------------------------------------------------------------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -327,54 +257,4 @@ class PruningCallback(StructuralCompressionCallback):
         super().on_save_checkpoint(trainer, pl_module, checkpoint)  # refuses non-finite weights
         if self.mode == "unstructured":
             # Save plain weights (mask applied), loadable by a model without pruning hooks.
-            checkpoint["state_dict"] = _fold_pruning_masks(checkpoint["state_dict"])
-
-
-def _schedule_epochs(
-    epochs: Sequence[int] | None, start_epoch: int | None, end_epoch: int | None, frequency: int
-) -> list[int]:
-    if start_epoch is not None or end_epoch is not None:
-        if epochs is not None:
-            raise ValueError("Give either `epochs` or `start_epoch`/`end_epoch`, not both.")
-        if start_epoch is None or end_epoch is None or not 0 <= start_epoch <= end_epoch:
-            raise ValueError(
-                "`start_epoch` and `end_epoch` must satisfy 0 <= start_epoch <= end_epoch, "
-                f"got {start_epoch!r} and {end_epoch!r}."
-            )
-        if frequency < 1:
-            raise ValueError(f"`frequency` must be >= 1, got {frequency!r}.")
-        return list(range(start_epoch, end_epoch + 1, frequency))
-    epochs = [0] if epochs is None else list(epochs)
-    if not epochs or any(e < 0 for e in epochs) or epochs != sorted(set(epochs)):
-        raise ValueError(f"`epochs` must be increasing epochs >= 0, got {epochs!r}.")
-    return epochs
-
-
-def _schedule_targets(epochs: list[int], targets: Sequence[float] | None, ramp: str) -> list[float]:
-    steps = len(epochs)
-    if targets is not None:
-        targets = list(targets)
-        if len(targets) != steps or any(not 0 < t <= 1 for t in targets) or targets != sorted(targets):
-            raise ValueError(
-                f"`targets` must be {steps} increasing fractions in (0, 1], one per pruning epoch {epochs}, "
-                f"got {targets!r}."
-            )
-        return targets
-    if ramp == "constant":
-        return [(step + 1) / steps for step in range(steps)]
-    if ramp == "agp":
-        return [1 - (1 - (step + 1) / steps) ** 3 for step in range(steps)]
-    raise ValueError(f"`ramp` must be 'constant' or 'agp', got {ramp!r}.")
-
-
-def _fold_pruning_masks(state_dict: dict[str, Any]) -> dict[str, Any]:
-    folded = {}
-    for key, value in state_dict.items():
-        if key.endswith("_mask"):
-            continue
-        if key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state_dict:
-            base = key[: -len("_orig")]
-            folded[base] = value * state_dict[base + "_mask"]
-        else:
-            folded[key] = value
-    return folded
+            checkpoint["state_dict"] = fold_pruning_masks(checkpoint["state_dict"])

@@ -111,7 +111,7 @@ def evaluate_top1(model: nn.Module, datamodule: Any, limit_batches: int | None =
 
 def sensitivity_command(args: list[str]) -> None:
     """`cli.py sensitivity --config X.yaml --ckpt_path c.ckpt`: prune each layer alone, no retraining."""
-    from compresslight.compression.pruning import sensitivity_analysis
+    from compresslight.compression.sensitivity import sensitivity_analysis
 
     parser = argparse.ArgumentParser(prog="cli.py sensitivity", description=sensitivity_command.__doc__)
     parser.add_argument("--ckpt_path", help="the trained model to analyse")

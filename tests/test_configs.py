@@ -150,7 +150,8 @@ def test_resnet20_prune_configs_follow_paper_000(name, amount, params, tmp_path,
     monkeypatch.chdir(tmp_path)
     model, _, trainer = build(REPO / "configs" / f"{name}.yaml")
     callback = pruning_callback(trainer)
-    assert (callback.amount, callback.norm, callback.epochs, callback.ratios) == (amount, 2, [0], {})
+    options = callback.options
+    assert (options.amount, options.norm, callback.schedule.epochs, options.ratios) == (amount, 2, [0], {})
     hp = model.hparams
     schedule = (trainer.max_epochs, hp.lr, hp.lr_schedule, list(hp.milestones), hp.gamma)
     assert schedule == (100, 0.01, "multistep", [0.5], 0.1)
@@ -169,7 +170,7 @@ def test_resnet18_steelpatch_prune_configs_follow_paper_000(name, tmp_path, monk
     model, datamodule, trainer = build(REPO / "configs" / f"{name}.yaml")
     callback = pruning_callback(trainer)
     amount = 0.125 if name.endswith("12") else 0.25
-    assert (callback.amount, callback.norm, callback.epochs) == (amount, 2, [0])
+    assert (callback.options.amount, callback.options.norm, callback.schedule.epochs) == (amount, 2, [0])
     hp = model.hparams
     assert (trainer.max_epochs, hp.lr, hp.lr_schedule, list(hp.milestones)) == (30, 0.001, "multistep", [0.5])
     assert (hp.arch, datamodule.input_shape, datamodule.batch_size) == ("resnet18", (1, 200, 200), 32)
@@ -188,13 +189,14 @@ def test_resnet56_distiller_config_prunes_exactly_the_appendix_a2_layers(tmp_pat
     monkeypatch.chdir(tmp_path)
     model, _, trainer = build(REPO / "configs" / "resnet56_distiller_schedule.yaml")
     callback = pruning_callback(trainer)
-    assert (callback.amount, callback.norm, callback.importance, callback.epochs) == (None, 1, "filter", [0])
+    options = callback.options
+    assert (options.amount, options.norm, options.importance, callback.schedule.epochs) == (None, 1, "filter", [0])
     # The glob patterns select exactly the listed layers, with their group's ratio.
     original = conv_widths(model.model)
     selected = {
         name: ratio
         for name in original
-        for pattern, ratio in callback.ratios.items()
+        for pattern, ratio in callback.options.ratios.items()
         if fnmatch.fnmatchcase(name, pattern)
     }
     assert selected == DISTILLER_GROUPS

@@ -17,7 +17,9 @@ from helpers import INPUT_SHAPE, TESTS_DIR, run_python, tiny_loaders, tiny_train
 from torch import nn
 
 from compresslight.classifier import ImageClassifier
-from compresslight.compression.pruning import PruningRecord, ZeroPadShortcutPruner, prune_filters
+from compresslight.compression.pruning import prune_filters
+from compresslight.compression.pruning_graph import ZeroPadShortcutPruner
+from compresslight.compression.pruning_record import PruningRecord
 from compresslight.models.resnet_a import ZeroPadShortcut
 from compresslight.registry import create_model
 

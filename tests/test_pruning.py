@@ -12,18 +12,12 @@ import torch
 from torch import nn
 
 import compresslight
-from compresslight.compression.pruning import (
-    PruningRecord,
-    _rollback_on_error,
-    channel_summary,
-    make_pruning_permanent,
-    prunable_layers,
-    prune_filters,
-    prune_unstructured,
-    sensitivity_analysis,
-    sparsity,
-)
+from compresslight.compression.pruning import prune_filters
+from compresslight.compression.pruning_graph import channel_summary, prunable_layers
+from compresslight.compression.pruning_record import PruningRecord, rollback_on_error
 from compresslight.compression.record import CompressionRecord, replay
+from compresslight.compression.sensitivity import sensitivity_analysis
+from compresslight.compression.unstructured import make_pruning_permanent, prune_unstructured, sparsity
 
 # --- tiny models -------------------------------------------------------------------------------
 
@@ -399,7 +393,7 @@ def test_a_failing_edit_is_rolled_back() -> None:
     record.kept_out_channels["bogus"] = [0]
     before = snapshot(model)
     with pytest.raises(AttributeError):
-        with _rollback_on_error(modules.values()):
+        with rollback_on_error(modules.values()):
             record._edit(modules)
     assert_unchanged(model, before)
     assert model.layer2[0].conv1.in_channels == 8 and model.conv1.out_channels == 8

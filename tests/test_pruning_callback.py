@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from compresslight.checkpoint import load_compressed_checkpoint
 from compresslight.classifier import ImageClassifier
-from compresslight.compression.pruning import sparsity
+from compresslight.compression.unstructured import sparsity
 
 
 def test_one_shot_prunes_in_setup_before_optimizers_exist(tmp_path):

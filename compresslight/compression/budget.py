@@ -46,12 +46,12 @@ from compresslight.compression.latency_table import LatencyTable, _widths
 
 # The helpers with which `prune_filters` traces a model, and its torch-pruning handlers (the option-A
 # zero-pad shortcut): the allocation must see exactly the groups `prune_filters` will prune.
-from compresslight.compression.pruning import (
-    _CUSTOMIZED_PRUNERS,
-    _analyze,
-    _inputs_on,
-    _match_ignored,
-    _traceable_copy,
+from compresslight.compression.pruning_graph import (
+    CUSTOMIZED_PRUNERS,
+    analyze_structure,
+    inputs_on,
+    match_ignored,
+    traceable_copy,
 )
 
 log = logging.getLogger(__name__)
@@ -182,18 +182,18 @@ class BudgetProblem:
         Raises:
             ValueError: if the table does not hold a layer of `model`, or for a pattern matching nothing.
         """
-        work = _traceable_copy(model)
-        inputs = _inputs_on(work, example_inputs)
-        ignored = _match_ignored(work, ignored_layers)
-        # `_analyze` is where `prune_filters` finds the output layers; the same rule applies here.
-        output_layers = _analyze(work, inputs, ignored).output_layers
+        work = traceable_copy(model)
+        inputs = inputs_on(work, example_inputs)
+        ignored = match_ignored(work, ignored_layers)
+        # `analyze_structure` is where `prune_filters` finds the output layers; the same rule applies here.
+        output_layers = analyze_structure(work, inputs, ignored).output_layers
         names = {module: name for name, module in work.named_modules()}
         excluded = [
             sub for module in [*ignored, *(work.get_submodule(n) for n in output_layers)] for sub in module.modules()
         ]
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
-                work, example_inputs=inputs, verbose=False, customized_pruners=_CUSTOMIZED_PRUNERS
+                work, example_inputs=inputs, verbose=False, customized_pruners=CUSTOMIZED_PRUNERS
             )
         importance = tp.importance.MagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
         layer_types = (nn.Conv2d, nn.Linear)

@@ -162,70 +162,39 @@ class LatencyTable:
         Raises:
             ValueError: for an unknown backend or statistic, or a bad count.
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
-        device = resolve_device(device)
-        validate_backends(backend, device)
-        for name, value, minimum in (
-            ("batch_size", batch_size, 1),
-            ("threads", threads, 1),
-            ("grid_points", grid_points, 2),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-        if statistic not in STATISTICS:
-            raise ValueError(f"`statistic` must be one of {list(STATISTICS)}, got {statistic!r}.")
+        device = _check_table_arguments(backend, device, batch_size, threads, grid_points, statistic)
         environment = RuntimeEnvironment.current(
-            backend=backend, device=device, threads=threads, batch_size=batch_size,
-            warmup=warmup, iters=iters, statistic=statistic,
-        )  # fmt: skip
+            backend=backend,
+            device=device,
+            threads=threads,
+            batch_size=batch_size,
+            warmup=warmup,
+            iters=iters,
+            statistic=statistic,
+        )
         trace = _trace(model, example_inputs)
-        cache: dict[str, float] = {}
+        cache: dict[str, float] = {}  # one measurement per distinct layer configuration, by its JSON key
         started = time.perf_counter()
-
-        layers: dict[str, LayerTable] = {}
         with num_threads(threads):
-            for name, (layer, input_size, norm) in trace.layers.items():
-                config = _config(layer)
-                in_full, out_full = _widths(layer)
-                in_grid = channel_grid(in_full, grid_points)
-                out_grid = channel_grid(out_full, grid_points) if not isinstance(layer, nn.Linear) else [out_full]
-                if getattr(layer, "groups", 1) != 1:  # grouped / depthwise convs: full width only
-                    in_grid, out_grid = [in_full], [out_full]
-                rows = []
-                for in_channels in in_grid:
-                    row = []
-                    for out_channels in out_grid:
-                        key = {
-                            "config": config,
-                            "size": input_size,
-                            "norm": norm,
-                            "in": in_channels,
-                            "out": out_channels,
-                        }
-                        shape = [batch_size, in_channels, *input_size]
-                        text = json.dumps(key, sort_keys=True)
-                        if text not in cache:
-                            cache[text] = _cell_latency(
-                                layer, in_channels, out_channels, norm, shape, environment, device
-                            )
-                        row.append(cache[text])
-                    rows.append(row)
-                layers[name] = LayerTable(config, input_size, norm, in_grid, out_grid, rows)
+            layers = {
+                name: _measure_layer_table(layer, input_size, norm, grid_points, environment, device, cache)
+                for name, (layer, input_size, norm) in trace.layers.items()
+            }
             overheads = {}
             for name, output_shape in trace.block_outputs.items():
-                key = {"join": output_shape[1:]}
-                shape = [batch_size, *output_shape[1:]]
-                text = json.dumps(key, sort_keys=True)
+                text = json.dumps({"join": output_shape[1:]}, sort_keys=True)
                 if text not in cache:
-                    cache[text] = _join_latency(shape, environment, device)
+                    cache[text] = _join_latency([batch_size, *output_shape[1:]], environment, device)
                 overheads[name] = cache[text]
             input_shape = [batch_size, *example_inputs.shape[1:]]
             network_dense_s = _latency(model, input_shape, environment, device)
         log.info(
             "latency table: %d layers, %d distinct measurements in %.1f s; network %.3f ms",
-            len(layers), len(cache), time.perf_counter() - started, network_dense_s * 1e3,
-        )  # fmt: skip
+            len(layers),
+            len(cache),
+            time.perf_counter() - started,
+            network_dense_s * 1e3,
+        )
         return cls(layers, overheads, environment, input_shape, network_dense_s, grid_points)
 
     # ---------------------------------------------------------------- prediction
@@ -446,6 +415,57 @@ def _resized(layer: nn.Module, in_channels: int, out_channels: int, norm: bool) 
         dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
     )  # fmt: skip
     return nn.Sequential(conv, nn.BatchNorm2d(out_channels)) if norm else conv
+
+
+def _check_table_arguments(
+    backend: str, device: torch.device | str, batch_size: int, threads: int, grid_points: int, statistic: str
+) -> torch.device:
+    """Validates `LatencyTable.build`'s settings; returns the resolved device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
+    device = resolve_device(device)
+    validate_backends(backend, device)
+    for name, value, minimum in (
+        ("batch_size", batch_size, 1),
+        ("threads", threads, 1),
+        ("grid_points", grid_points, 2),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    if statistic not in STATISTICS:
+        raise ValueError(f"`statistic` must be one of {list(STATISTICS)}, got {statistic!r}.")
+    return device
+
+
+def _measure_layer_table(
+    layer: nn.Module,
+    input_size: list[int],
+    norm: bool,
+    grid_points: int,
+    environment: RuntimeEnvironment,
+    device: torch.device,
+    cache: dict[str, float],
+) -> LayerTable:
+    """One layer's latency at every (input, output) width of its grid; `cache` shares equal cells
+    between layers of the same configuration."""
+    config = _config(layer)
+    in_full, out_full = _widths(layer)
+    in_grid = channel_grid(in_full, grid_points)
+    out_grid = channel_grid(out_full, grid_points) if not isinstance(layer, nn.Linear) else [out_full]
+    if getattr(layer, "groups", 1) != 1:  # grouped / depthwise convs: full width only
+        in_grid, out_grid = [in_full], [out_full]
+    rows = []
+    for in_channels in in_grid:
+        row = []
+        for out_channels in out_grid:
+            key = {"config": config, "size": input_size, "norm": norm, "in": in_channels, "out": out_channels}
+            shape = [environment.batch_size, in_channels, *input_size]
+            text = json.dumps(key, sort_keys=True)
+            if text not in cache:
+                cache[text] = _cell_latency(layer, in_channels, out_channels, norm, shape, environment, device)
+            row.append(cache[text])
+        rows.append(row)
+    return LayerTable(config, input_size, norm, in_grid, out_grid, rows)
 
 
 def _cell_latency(

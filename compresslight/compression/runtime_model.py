@@ -311,41 +311,9 @@ class RuntimeModel:
             ValueError: for an unknown backend, a bad count, a layer that is not compressible, or a
                 rank grid outside a layer's dimensions.
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
-        device = resolve_device(device)
-        validate_backends(backend, device)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"`threads` must be an int >= 1 or None, got {threads!r}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
-        if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
-            raise ValueError(f"`grid_points` must be an int >= 2 (a line needs two ranks), got {grid_points!r}.")
-        if statistic not in STATISTICS:
-            raise ValueError(f"`statistic` must be one of {list(STATISTICS)}, got {statistic!r}.")
-        if not isinstance(example_inputs, torch.Tensor):
-            raise ValueError(f"`example_inputs` must be a tensor, got {type(example_inputs).__name__}.")
-
+        device = _check_build_arguments(backend, device, threads, batch_size, grid_points, statistic, example_inputs)
         available = compressible_layers(model)
-        names = list(available) if layers is None else list(layers)
-        unknown = [name for name in names if name not in available]
-        if unknown:
-            raise ValueError(f"`layers` must name compressible layers of the model {list(available)}, got {unknown}.")
-        grids = {name: _even_grid(max_rank(available[name]), grid_points) for name in names}
-        for name, ranks in (rank_grid or {}).items():
-            if name not in grids:
-                raise ValueError(
-                    f"`rank_grid` names {name!r}, which is not a modelled layer; modelled layers: {names}."
-                )
-            full = max_rank(available[name])
-            ranks = sorted({int(r) for r in ranks})
-            if not ranks or ranks[0] < 1 or ranks[-1] > full:
-                raise ValueError(
-                    f"`rank_grid[{name!r}]` must hold ranks within [1, {full}] (the layer's dimensions), "
-                    f"got {list(rank_grid[name])}."
-                )
-            grids[name] = ranks
-
+        names, grids = _rank_grids(available, layers, grid_points, rank_grid)
         threads = torch.get_num_threads() if threads is None else threads
         environment = RuntimeEnvironment.current(
             backend=backend,
@@ -362,28 +330,8 @@ class RuntimeModel:
         with num_threads(threads), progress_bar(len(names), "Building the runtime model", progress) as bar:
             for name in names:
                 bar.update(1)
-                layer = available[name]
                 input_shape = [batch_size, *io_shapes[name][0][1:]]
-                dense_s = _latency(layer, input_shape, environment, device)
-                latencies = [
-                    _latency(factorized_structure(layer, rank), input_shape, environment, device)
-                    for rank in grids[name]
-                ]
-                intercept, slope = l1_line_fit(grids[name], latencies)
-                measured[name] = LayerRuntime(
-                    config=layer_config(layer),
-                    input_shape=input_shape,
-                    max_rank=max_rank(layer),
-                    ranks=grids[name],
-                    latencies_s=latencies,
-                    dense_s=dense_s,
-                    intercept_s=intercept,
-                    slope_s=slope,
-                )
-                log.info(
-                    "runtime model %s: dense %.3f ms, factorized %.4f + %.5f r ms (%d ranks)",
-                    name, dense_s * 1e3, intercept * 1e3, slope * 1e3, len(grids[name]),
-                )  # fmt: skip
+                measured[name] = _measure_layer(name, available[name], input_shape, grids[name], environment, device)
             input_shape = [batch_size, *example_inputs.shape[1:]]
             network_dense_s = _latency(model, input_shape, environment, device)
         log.info("runtime model built in %.1f s for %d layers", time.perf_counter() - start, len(names))
@@ -627,6 +575,91 @@ class RuntimeModel:
         except json.JSONDecodeError as error:
             raise ValueError(f"Runtime model file {str(path)!r} is not JSON: {error}.") from error
         return cls.from_dict(data)
+
+
+def _check_build_arguments(
+    backend: str,
+    device: torch.device | str,
+    threads: int | None,
+    batch_size: int,
+    grid_points: int,
+    statistic: str,
+    example_inputs: Any,
+) -> torch.device:
+    """Validates `RuntimeModel.build`'s settings; returns the resolved device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
+    device = resolve_device(device)
+    validate_backends(backend, device)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"`threads` must be an int >= 1 or None, got {threads!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+    if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
+        raise ValueError(f"`grid_points` must be an int >= 2 (a line needs two ranks), got {grid_points!r}.")
+    if statistic not in STATISTICS:
+        raise ValueError(f"`statistic` must be one of {list(STATISTICS)}, got {statistic!r}.")
+    if not isinstance(example_inputs, torch.Tensor):
+        raise ValueError(f"`example_inputs` must be a tensor, got {type(example_inputs).__name__}.")
+    return device
+
+
+def _rank_grids(
+    available: Mapping[str, nn.Module],
+    layers: Sequence[str] | None,
+    grid_points: int,
+    rank_grid: Mapping[str, Sequence[int]] | None,
+) -> tuple[list[str], dict[str, list[int]]]:
+    """The modelled layers and the ranks measured for each (`grid_points` evenly, or `rank_grid`'s)."""
+    names = list(available) if layers is None else list(layers)
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(f"`layers` must name compressible layers of the model {list(available)}, got {unknown}.")
+    grids = {name: _even_grid(max_rank(available[name]), grid_points) for name in names}
+    for name, ranks in (rank_grid or {}).items():
+        if name not in grids:
+            raise ValueError(f"`rank_grid` names {name!r}, which is not a modelled layer; modelled layers: {names}.")
+        full = max_rank(available[name])
+        ranks = sorted({int(r) for r in ranks})
+        if not ranks or ranks[0] < 1 or ranks[-1] > full:
+            raise ValueError(
+                f"`rank_grid[{name!r}]` must hold ranks within [1, {full}] (the layer's dimensions), "
+                f"got {list(rank_grid[name])}."
+            )
+        grids[name] = ranks
+    return names, grids
+
+
+def _measure_layer(
+    name: str,
+    layer: nn.Module,
+    input_shape: list[int],
+    ranks: list[int],
+    environment: RuntimeEnvironment,
+    device: torch.device,
+) -> LayerRuntime:
+    """One layer dense and factorized at each of `ranks`, with the L1 line through the latter."""
+    dense_s = _latency(layer, input_shape, environment, device)
+    latencies = [_latency(factorized_structure(layer, rank), input_shape, environment, device) for rank in ranks]
+    intercept, slope = l1_line_fit(ranks, latencies)
+    log.info(
+        "runtime model %s: dense %.3f ms, factorized %.4f + %.5f r ms (%d ranks)",
+        name,
+        dense_s * 1e3,
+        intercept * 1e3,
+        slope * 1e3,
+        len(ranks),
+    )
+    return LayerRuntime(
+        config=layer_config(layer),
+        input_shape=input_shape,
+        max_rank=max_rank(layer),
+        ranks=ranks,
+        latencies_s=latencies,
+        dense_s=dense_s,
+        intercept_s=intercept,
+        slope_s=slope,
+    )
 
 
 def _even_grid(full_rank: int, points: int) -> list[int]:
