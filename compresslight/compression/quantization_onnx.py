@@ -169,14 +169,6 @@ def export_int8_onnx(
             `allow_float_layers`) layers ONNX Runtime cannot run in int8, named in the message.
         RuntimeError: if the model cannot be exported to ONNX.
     """
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
     _check_input_shape(example_input_shape)
     path = Path(path)
     batches = iter(calibration_batches)
@@ -187,18 +179,7 @@ def export_int8_onnx(
     with tempfile.TemporaryDirectory(prefix="compresslight_int8_") as tmp:
         exported_path, pre_path, int8_path = (Path(tmp) / name for name in ("float.onnx", "pre.onnx", "int8.onnx"))
         _export_float_onnx(model, example_input_shape, exported_path)
-        with onnx_backend.quiet_onnx_logs():
-            quant_pre_process(str(exported_path), str(pre_path))
-            quantize_static(
-                str(pre_path),
-                str(int8_path),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
+        _quantize_static(exported_path, pre_path, int8_path, reader, per_channel)
         left_float = _float_compute_layers(int8_path, Path(tmp) / "optimized.onnx")
         if left_float and not allow_float_layers:
             raise ValueError(
@@ -214,6 +195,30 @@ def export_int8_onnx(
             shutil.move(str(exported_path), float_path)
     log.info("Wrote int8 ONNX model %s (%d calibration batches).", path, reader.count)
     return path
+
+
+def _quantize_static(float_path: Path, pre_path: Path, int8_path: Path, reader: Any, per_channel: bool) -> None:
+    """ONNX Runtime's pre-processing, then static QDQ quantization (uint8 activations, int8 weights, MinMax)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    with onnx_backend.quiet_onnx_logs():
+        quant_pre_process(str(float_path), str(pre_path))
+        quantize_static(
+            str(pre_path),
+            str(int8_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
 
 
 class OnnxRuntimeModel(nn.Module):

@@ -227,17 +227,12 @@ def decompose_model(
             original unless the factorization is faster in every setting; then (its `whole_model`)
             time the whole model and revert layers while it is significantly slower anywhere. Needs
             `example_inputs`.
-        example_inputs: one batch for the model's forward, used for the layers' input shapes (MACs
-            in the report, runtime checks). The model runs once in eval mode, no grad.
+        example_inputs: one batch for the layers' input shapes (MACs in the report, runtime
+            checks); the model runs once on it in eval mode, no grad.
 
     Returns:
-        The record: the factorized layers, their ranks and original hyperparameters, and a report
-        row per considered layer: `name`, `type`, `method`, `ranks`, `params_before`/`_after`,
-        `macs_before`/`_after` (batch 1; None without `example_inputs`), `latency` (rows of
-        `RuntimeCheck.measure`, [] when not runtime-aware), `decision` ("decomposed" / "kept") and
-        `reason`. With a whole-model check, `record.whole_model` lists each check: `rows`
-        (`RuntimeCheck.measure` of the original vs the decomposed model, in every setting or in
-        those that were slower before) and `reverted` (the layer put back after it, or None).
+        The record: the factorized layers, their ranks and original hyperparameters, a report row
+        per considered layer (`tucker_report.layer_row`) and the whole-model checks (`check_whole_model`).
 
     Raises:
         ValueError: for an empty or bad pattern, a pattern matching no decomposable layer (the
@@ -252,28 +247,37 @@ def decompose_model(
         model, layer_patterns, rank_method, skip_first_conv, pointwise, include_linear
     )
     options = _PlanOptions(skip_first_conv=skip_first_conv, pointwise=pointwise, min_rank=min_rank, zero_rank=zero_rank)
-
     report = {name: layer_row(name, layer) for name, layer in candidates.items()}
     spectra: dict[str, tuple[_ModeSpectrum, _ModeSpectrum]] = {}  # computed once for VBMF and HOSVD
     plans = _plan_layers(candidates, report, spectra, first_conv, rank_method, options)
     shapes = layer_io_shapes(model, example_inputs, list(plans)) if example_inputs is not None and plans else {}
     replacements: dict[str, nn.Module] = {}
     for name, (method, ranks) in plans.items():
-        layer, row = candidates[name], report[name]
-        factorized = _factorize(layer, method, ranks, n_iter_max, spectra.pop(name, None))
+        factorized = _factorize(candidates[name], method, ranks, n_iter_max, spectra.pop(name, None))
         input_shape = shapes[name][0] if name in shapes else None
-        if _replaces(row, layer, factorized, input_shape, require_reduction, runtime_aware):
+        if _replaces(report[name], candidates[name], factorized, input_shape, require_reduction, runtime_aware):
             replacements[name] = factorized
-
     whole_model_checks = []
     if runtime_aware is not None and runtime_aware.whole_model and replacements:
         whole_model_checks = check_whole_model(model, replacements, report, runtime_aware, example_inputs)
 
+    return _swap_in(model, candidates, plans, replacements, list(report.values()), whole_model_checks)
+
+
+def _swap_in(
+    model: nn.Module,
+    candidates: Mapping[str, nn.Module],
+    plans: Mapping[str, tuple[str, list[int]]],
+    replacements: Mapping[str, nn.Module],
+    report: list[dict[str, Any]],
+    whole_model_checks: list[dict[str, Any]],
+) -> TuckerRecord:
+    """The record of the replacements, then the replacements put into `model` (the only edit)."""
     record = TuckerRecord(
         methods={name: plans[name][0] for name in replacements},
         ranks={name: plans[name][1] for name in replacements},
         layers={name: layer_config(candidates[name]) for name in replacements},
-        report=list(report.values()),
+        report=report,
         whole_model=whole_model_checks,
     )
     for name, module in replacements.items():

@@ -25,7 +25,12 @@ __all__ = ["ModelCost", "TuckerReport", "keep_layer", "layer_macs", "layer_row",
 
 
 def layer_row(name: str, layer: nn.Module) -> dict[str, Any]:
-    """The report row of a considered layer, before any decision."""
+    """The report row of a considered layer, before any decision.
+
+    `name`, `type`, `method`, `ranks`, `params_before`/`_after`, `macs_before`/`_after` (batch 1;
+    None without example inputs), `latency` (rows of `RuntimeCheck.measure`, [] when not
+    runtime-aware), `decision` ("decomposed" / "kept") and `reason`.
+    """
     return {
         "name": name,
         "type": "linear" if isinstance(layer, nn.Linear) else "conv2d",

@@ -242,7 +242,11 @@ def check_whole_model(
     example_inputs: torch.Tensor | tuple[Any, ...],
 ) -> list[dict[str, Any]]:
     """Times the decomposed model against `model`; reverts layers (in `replacements`, `report`)
-    until it is not significantly slower in any setting. Returns the checks made (see `decompose_model`).
+    until it is not significantly slower in any setting.
+
+    Returns one dict per check: `rows` (`RuntimeCheck.measure` of the original vs the decomposed
+    model, in every setting or in those that were slower before) and `reverted` (the layer put
+    back after it, or None).
 
     After a revert only the settings that were significantly slower are timed again (a whole-model train step
     at a large batch costs seconds per call); once they pass, every setting is timed again, and
