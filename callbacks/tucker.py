@@ -37,6 +37,7 @@ The algorithm is `compresslight.compression.tucker.decompose_model`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -58,6 +59,7 @@ from compresslight.compression.tucker import (
     selected_layers,
 )
 from compresslight.compression.tucker_report import TuckerReport, model_cost
+from compresslight.compression.tucker_selection import TuckerOptions
 from compresslight.lightning_compat import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -135,36 +137,30 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         module_path: str | None = None,
     ) -> None:
         super().__init__(module_path=module_path)
-        _check_rank_method(rank_method)
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"`epoch` must be an int >= 0 (0: once in `setup`), got {epoch!r}.")
         if isinstance(layers, str):
             layers = [layers]
         if not layers or not all(isinstance(pattern, str) and pattern for pattern in layers):
             raise ValueError(f"`layers` must be a non-empty list of non-empty glob patterns, got {layers!r}.")
-        if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-            raise ValueError(f"`min_rank` must be an int >= 1, got {min_rank!r}.")
-        if zero_rank not in ("min_rank", "skip"):
-            raise ValueError(f"`zero_rank` must be 'min_rank' or 'skip', got {zero_rank!r}.")
-        if pointwise not in ("svd", "skip"):
-            raise ValueError(f"`pointwise` must be 'svd' or 'skip', got {pointwise!r}.")
-        if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 0:
-            raise ValueError(f"`n_iter_max` must be an int >= 0, got {n_iter_max!r}.")
+        #: The algorithm's options, checked by it here (before any training).
+        self.options = TuckerOptions(
+            layer_patterns=list(layers),
+            rank_method=dict(rank_method) if isinstance(rank_method, Mapping) else rank_method,
+            skip_first_conv=skip_first_conv,
+            min_rank=min_rank,
+            zero_rank=zero_rank,
+            pointwise=pointwise,
+            include_linear=include_linear,
+            require_reduction=require_reduction,
+            n_iter_max=n_iter_max,
+        )
         # Built now (on the CPU when the device is the trainer's) so bad settings fail at once.
         RuntimeCheck(
             batch_sizes=batch_sizes, threads=(None,) if threads is None else threads, device=device or "cpu",
             margin=margin, warmup=warmup, iters=iters, train=train, rounds=rounds, whole_model=whole_model,
         )  # fmt: skip
-        self.rank_method = dict(rank_method) if isinstance(rank_method, Mapping) else rank_method
         self.epoch = epoch
-        self.layers = list(layers)
-        self.skip_first_conv = skip_first_conv
-        self.min_rank = min_rank
-        self.zero_rank = zero_rank
-        self.pointwise = pointwise
-        self.include_linear = include_linear
-        self.require_reduction = require_reduction
-        self.n_iter_max = n_iter_max
         self.runtime_aware = runtime_aware
         self.batch_sizes = list(batch_sizes)
         self.threads = None if threads is None else list(threads)
@@ -180,6 +176,14 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         self.report: TuckerReport | None = None
         self._log_dir: Path | None = None
         self._restored = False
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.options.layer_patterns)
+
+    @property
+    def rank_method(self) -> Any:
+        return self.options.rank_method
 
     @property
     @override
@@ -198,9 +202,10 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
             return
         # Patterns and explicit ranks are checked now, whatever the epoch: a typo must not
         # surface after `epoch` epochs of training.
+        options = self.options
         selected_layers(
-            self.target_module(pl_module), self.layers, self.rank_method, skip_first_conv=self.skip_first_conv,
-            pointwise=self.pointwise, include_linear=self.include_linear,
+            self.target_module(pl_module), options.layer_patterns, options.rank_method,
+            skip_first_conv=options.skip_first_conv, pointwise=options.pointwise, include_linear=options.include_linear,
         )  # fmt: skip
         if self.epoch == 0:
             # On resume, Lightning restores the checkpoint after `setup`: the restore guard of
@@ -248,18 +253,7 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
             trainer,
             pl_module,
             lambda module: decompose_model(
-                module,
-                self.layers,
-                self.rank_method,
-                skip_first_conv=self.skip_first_conv,
-                min_rank=self.min_rank,
-                zero_rank=self.zero_rank,
-                pointwise=self.pointwise,
-                include_linear=self.include_linear,
-                require_reduction=self.require_reduction,
-                n_iter_max=self.n_iter_max,
-                runtime_aware=check,
-                example_inputs=inputs,
+                module, **dataclasses.asdict(self.options), runtime_aware=check, example_inputs=inputs
             ),
             example_inputs=inputs,
         )
@@ -327,20 +321,3 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         # The checkpoint says what the model is: a decomposition made in `setup` of this process
         # has been undone by the restore (see `StructuralCompressionCallback`).
         self._restored = True
-
-
-def _check_rank_method(rank_method: Any) -> None:
-    if isinstance(rank_method, str):
-        if rank_method != "vbmf":
-            raise ValueError(
-                f"`rank_method` must be 'vbmf', a fraction in (0, 1] or a dict of ranks, got {rank_method!r}."
-            )
-    elif isinstance(rank_method, bool):
-        raise ValueError(f"`rank_method` must be 'vbmf', a fraction in (0, 1] or a dict of ranks, got {rank_method!r}.")
-    elif isinstance(rank_method, (int, float)):
-        if not 0.0 < rank_method <= 1.0:
-            raise ValueError(f"`rank_method` as a fraction must be in (0, 1], got {rank_method!r}.")
-    elif not isinstance(rank_method, Mapping) or not rank_method:
-        raise ValueError(
-            f"`rank_method` must be 'vbmf', a fraction in (0, 1] or a non-empty dict of ranks, got {rank_method!r}."
-        )

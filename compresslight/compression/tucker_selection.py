@@ -6,6 +6,7 @@ typo fails before training), and chooses each layer's ranks (`"vbmf"`, a fractio
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -27,9 +28,35 @@ from compresslight.compression.tucker_layers import (
 from compresslight.compression.tucker_runtime import RuntimeCheck
 from compresslight.compression.vbmf import estimate_rank
 
-__all__ = ["RankMethod", "selected_layers"]
+__all__ = ["RankMethod", "TuckerOptions", "selected_layers"]
 
 RankMethod = Literal["vbmf"] | float | Mapping[str, "tuple[int, int] | int"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TuckerOptions:
+    """`decompose_model`'s choices of layers and ranks, checked when made (see `decompose_model`).
+
+    Raises:
+        ValueError: for empty or non-string patterns, a bad `rank_method`, `min_rank` < 1, an
+            unknown `zero_rank` / `pointwise`, or `n_iter_max` < 0.
+    """
+
+    layer_patterns: Sequence[str] = ("*",)
+    rank_method: RankMethod = "vbmf"
+    skip_first_conv: bool = True
+    min_rank: int = 1
+    zero_rank: Literal["min_rank", "skip"] = "min_rank"
+    pointwise: Literal["svd", "skip"] = "svd"
+    include_linear: bool = False
+    require_reduction: bool = True
+    n_iter_max: int = DEFAULT_HOOI_ITERS
+
+    def __post_init__(self) -> None:
+        _validate_options(
+            self.layer_patterns, self.rank_method, self.min_rank, self.zero_rank, self.pointwise, self.n_iter_max,
+            None, None,
+        )  # fmt: skip
 
 
 def selected_layers(
