@@ -160,6 +160,10 @@ class QuantizationCallback(StructuralCompressionCallback):
         return self.options.per_channel
 
     @property
+    def int8(self) -> bool:
+        return self.options.int8
+
+    @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(module_path=self.module_path, bits=self.bits, per_channel=self.per_channel)
