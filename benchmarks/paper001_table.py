@@ -51,12 +51,8 @@ from compresslight.datamodules import CIFAR10DataModule
 from torch import nn
 
 from compresslight.classifier import ImageClassifier
-from compresslight.compression.quantization import (
-    OnnxRuntimeModel,
-    export_int8_onnx,
-    export_onnx,
-    quantize_model_simulated,
-)
+from compresslight.compression.quantization import quantize_model_simulated
+from compresslight.compression.quantization_onnx import OnnxRuntimeModel, export_int8_onnx
 from compresslight.evaluation import evaluate_top1
 from compresslight.profiling.counting import count_macs, count_parameters
 from compresslight.profiling.environment import cpu_model_name
@@ -209,13 +205,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = args.out.parent if args.out is not None else work
     out_dir.mkdir(parents=True, exist_ok=True)
     vgg16_cpu = copy.deepcopy(vgg16).cpu()
-    float_onnx = export_onnx(vgg16_cpu, (1, *INPUT_SHAPE), out_dir / "vgg16_float.onnx")
+    float_onnx = out_dir / "vgg16_float.onnx"
     int8_onnx = export_int8_onnx(
         vgg16_cpu,
         (1, *INPUT_SHAPE),
         [x.cpu() for x in calibration],
         out_dir / "vgg16_int8.onnx",
         per_channel=args.per_channel,
+        float_path=float_onnx,
     )
     ort_models = {
         "vgg16_ort_float": OnnxRuntimeModel(float_onnx, num_threads=threads),

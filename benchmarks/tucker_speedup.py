@@ -112,12 +112,12 @@ def top1(model: nn.Module, args: argparse.Namespace) -> float | None:
     """Validation top-1 on CIFAR-10's test split (None when the data is not there)."""
     from compresslight.datamodules import CIFAR10DataModule
 
-    from compresslight.commands import evaluate_top1
+    from compresslight.evaluation import evaluate_top1, validation_batches
 
     if not (Path(args.data_dir) / "cifar-10-batches-py").is_dir():
         return None
     datamodule = CIFAR10DataModule(data_dir=args.data_dir, eval_batch_size=500)
-    return evaluate_top1(model, datamodule, limit_batches=args.eval_batches)
+    return evaluate_top1({"model": model.eval()}, validation_batches(datamodule, args.eval_batches))["model"]
 
 
 def reference_decomposition_seconds(model: nn.Module) -> float:

@@ -2,52 +2,23 @@
 
 Post-training (the default, paper 001 section VII-A): when fitting ends (`on_fit_end`) and when a
 test run starts (`on_test_start`, e.g. `python cli.py test --config X.yaml --ckpt_path best.ckpt`)
-the callback
-
-1. takes `calibration_batches` training batches, as the model sees them in evaluation
-   (through the datamodule's batch transform: normalized, not augmented);
-2. builds the simulated quantized model (`quantize_model_simulated`: weights and input
-   activations of every Conv/Linear quantized to `bits` with min/max ranges, then dequantized);
-3. with `int8=True`, exports the float model to ONNX and quantizes it with ONNX Runtime's static
-   int8 quantization (`export_int8_onnx`, calibrated on the same batches);
-4. evaluates float, simulated and int8 top-1 on the validation set (fit) or the test set (test)
-   in one pass over the same batches;
-5. measures CPU inference latency (`measure_latency`, paper 000's protocol) of the float model
-   in eager PyTorch and in ONNX Runtime, of the simulated model, and of the int8 model, at
-   `latency_batch_sizes`, plus the size of the ONNX files.
+the callback calibrates on `calibration_batches` training batches (as the model sees them in
+evaluation: normalized, not augmented) and runs
+`compresslight.compression.quantization_report.quantization_report` on the validation set (fit)
+or the test set (test): simulated `bits`-bit model, int8 ONNX Runtime model (`int8=True`), top-1
+of each, CPU latency and file sizes. That module's docstring lists the files and the logged
+`quant/...` keys; the callback logs the metrics to every logger and writes `quantization.json`
+(`QuantizationReport.to_dict()`) in the run's log dir.
 
 Quantization-aware training (`qat_epochs > 0`): at the start of epoch `max_epochs - qat_epochs`
 every Conv/Linear of the model is swapped, in place, for its fake-quant form (`prepare_qat`: the
 same parameters, weights and inputs quantized in the forward pass, straight-through gradients,
 EMA activation ranges). The swap is a structural edit with a `fake_quant` record, so checkpoints
-replay it. At fit end the ranges are frozen (`convert_to_simulated`) and step 4 compares the
+replay it. At fit end the ranges are frozen (`convert_to_simulated`) and the report compares the
 QAT model ("sim") with its own float weights ("float").
 
-What is saved, and what reloads in a new process:
-
-- `<log_dir>/model_int8.onnx`: the real int8 model (QDQ, int8 weights, uint8 activations); reload with
-  `OnnxRuntimeModel(path)` or `onnxruntime.InferenceSession(path)`, any process;
-- `<log_dir>/model_float.onnx`: the float model, for a same-runtime latency comparison; reload: the same;
-- Lightning checkpoints of a QAT run: the fake-quant model (`fake_quant` record + ranges); reload with
-  `ImageClassifier.load_from_checkpoint(path)` / `load_compressed_checkpoint`;
-- `<log_dir>/quantization.json`: every number below, latency min/median/max included; reload with `json.load`.
-
-The post-training simulated model is not saved: it is a deterministic function of the float
-checkpoint and the calibration batches (rerun `quantize_model_simulated`).
-
-Logged keys (`{split}` is `val` at fit end, `test` at test start; accuracies are fractions):
-
-| key | value |
-|---|---|
-| `quant/{split}_top1_float` | float model |
-| `quant/{split}_top1_sim{bits}` | simulated `bits`-bit model |
-| `quant/{split}_top1_drop_sim{bits}` | float minus simulated |
-| `quant/{split}_top1_int8` | int8 ONNX Runtime model |
-| `quant/latency_ms/{model}/bs{B}` | median CPU latency; model: see below |
-| `quant/int8_speedup/bs{B}` | ONNX Runtime float latency / int8 latency |
-| `quant/size_bytes/onnx_float`, `quant/size_bytes/onnx_int8` | file sizes |
-
-In the latency keys, model: `torch_float`, `torch_sim{bits}`, `ort_float`, `ort_int8`.
+A QAT run's Lightning checkpoints hold the fake-quant model (`fake_quant` record + ranges);
+reload with `ImageClassifier.load_from_checkpoint(path)` / `load_compressed_checkpoint`.
 
 Under DDP the evaluation runs on global rank 0 only (with a datamodule it sees the whole
 validation or test set; loaders given directly to `fit` are the rank's shard); the QAT edit and
@@ -58,11 +29,8 @@ so every latency here is a CPU latency, whatever device the model was trained on
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import json
 import logging
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,31 +43,31 @@ from typing_extensions import override
 from compresslight import lightning_compat as pl
 from compresslight.compression.quantization import (
     DEFAULT_QAT_AVERAGING_CONSTANT,
-    MAX_BITS,
-    MIN_BITS,
     ActivationQuantizer,
-    OnnxRuntimeModel,
     convert_to_simulated,
-    export_int8_onnx,
-    export_onnx,
     fake_quant_record,
     float_only_layers,
     prepare_qat,
-    quantize_model_simulated,
-    strip_fake_quant,
+)
+from compresslight.compression.quantization_report import (
+    FLOAT_ONNX_FILE,
+    INT8_FILE,
+    QuantizationReport,
+    QuantizationReportOptions,
+    has_fake_quant,
+    quantization_report,
 )
 from compresslight.compression.record import CompressionRecord
-from compresslight.evaluation import LogitsOutput, evaluate_top1, logits_of
+from compresslight.evaluation import logits_of
 from compresslight.lightning_compat import RunningStage, TrainerFn
 from compresslight.optional import require_extra
-from compresslight.profiling.timing import LatencyStats, measure_latency, num_threads
 
 log = logging.getLogger(__name__)
 
-INT8_FILE = "model_int8.onnx"
-FLOAT_ONNX_FILE = "model_float.onnx"
 REPORT_FILE = "quantization.json"
 STAGES = ("fit", "test")
+
+__all__ = ["FLOAT_ONNX_FILE", "INT8_FILE", "REPORT_FILE", "QuantizationCallback"]
 
 
 class QuantizationCallback(StructuralCompressionCallback):
@@ -152,46 +120,48 @@ class QuantizationCallback(StructuralCompressionCallback):
         module_path: str | None = None,
     ) -> None:
         super().__init__(module_path=module_path)
-        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-            raise ValueError(f"`bits` must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}.")
-        _check_int("calibration_batches", calibration_batches, 1)
-        if eval_batches is not None:
-            _check_int("eval_batches", eval_batches, 1)
-        _check_int("qat_epochs", qat_epochs, 0)
+        #: What the report builds and measures (checked here, before any training).
+        self.options = QuantizationReportOptions(
+            bits=bits,
+            per_channel=per_channel,
+            calibration_batches=calibration_batches,
+            eval_batches=eval_batches,
+            int8=int8,
+            allow_float_layers=allow_float_layers,
+            latency_batch_sizes=latency_batch_sizes,  # type: ignore[arg-type]  # any sequence; stored as a tuple
+            latency_warmup=latency_warmup,
+            latency_iters=latency_iters,
+            threads=threads,
+        )
+        if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
+            raise ValueError(f"`qat_epochs` must be an int >= 0, got {qat_epochs!r}.")
         if isinstance(qat_averaging_constant, bool) or not 0.0 < qat_averaging_constant <= 1.0:
             raise ValueError(f"`qat_averaging_constant` must be in (0, 1], got {qat_averaging_constant!r}.")
         stages = [stages] if isinstance(stages, str) else list(stages)
         if not set(stages) <= set(STAGES):
             raise ValueError(f"`stages` must be a list of {list(STAGES)}, got {stages!r}.")
-        if isinstance(latency_batch_sizes, int):
-            latency_batch_sizes = [latency_batch_sizes]
-        latency_batch_sizes = list(latency_batch_sizes)
-        for size in latency_batch_sizes:
-            _check_int("latency_batch_sizes", size, 1)
-        _check_int("latency_warmup", latency_warmup, 0)
-        _check_int("latency_iters", latency_iters, 1)
-        if threads is not None:
-            _check_int("threads", threads, 1)
         if int8:
             require_extra("onnx", "`QuantizationCallback(int8=True)` (`int8=False`: the simulated model only)")
-        self.bits = bits
-        self.per_channel = per_channel
-        self.calibration_batches = calibration_batches
-        self.eval_batches = eval_batches
-        self.int8 = int8
-        self.allow_float_layers = allow_float_layers
         self.qat_epochs = qat_epochs
         self.qat_averaging_constant = float(qat_averaging_constant)
         self.stages = stages
-        self.latency_batch_sizes = latency_batch_sizes
-        self.latency_warmup = latency_warmup
-        self.latency_iters = latency_iters
-        self.threads = threads
         self.device = None if device is None else torch.device(device)
         self.output_dir = None if output_dir is None else Path(output_dir)
         #: The last report's numbers (the logged metrics), for use after `fit`/`test` returns.
         self.results: dict[str, float] = {}
         self._log_dir: Path | None = None
+
+    @property
+    def bits(self) -> int:
+        return self.options.bits
+
+    @property
+    def per_channel(self) -> bool:
+        return self.options.per_channel
+
+    @property
+    def int8(self) -> bool:
+        return self.options.int8
 
     @property
     @override
@@ -207,7 +177,7 @@ class QuantizationCallback(StructuralCompressionCallback):
         self._log_dir = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
         target = self.target_module(pl_module)
         _check_logits_output(trainer, pl_module, target)
-        if self.int8 and not self.allow_float_layers:
+        if self.options.int8 and not self.options.allow_float_layers:
             # Fail before training, not after it: the int8 export would refuse these at fit end.
             left_float = float_only_layers(target)
             if left_float:
@@ -240,7 +210,7 @@ class QuantizationCallback(StructuralCompressionCallback):
         if trainer.current_epoch < trainer.max_epochs - self.qat_epochs:
             return
         target = self.target_module(pl_module)
-        if _has_fake_quant(target):  # prepared earlier, or restored from a checkpoint of the QAT phase
+        if has_fake_quant(target):  # prepared earlier, or restored from a checkpoint of the QAT phase
             return
         self.apply_edit(trainer, pl_module, self._prepare_qat)
         # Other DDP ranks rebuilt the layers by replaying the record, which makes them in the
@@ -269,7 +239,7 @@ class QuantizationCallback(StructuralCompressionCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = self.target_module(pl_module)
-        if _has_fake_quant(target):
+        if has_fake_quant(target):
             convert_to_simulated(target)  # every rank: the ranges are final from here on
         if "fit" in self.stages and trainer.is_global_zero:
             self.report(trainer, pl_module, split="val")
@@ -288,76 +258,21 @@ class QuantizationCallback(StructuralCompressionCallback):
         Raises:
             ValueError: if there are no training batches to calibrate on or no `split` batches.
         """
-        started = time.perf_counter()
-        target = self.target_module(pl_module)
         device = self.device or trainer.strategy.root_device
         log_dir = self._log_dir or Path(trainer.default_root_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        bits = self.bits
-        with _restored(target), _evaluation_stage(trainer):
-            target.to(device).eval()
-            calibration = [images for images, _ in self._batches(trainer, "train", device, self.calibration_batches)]
-            qat = _has_fake_quant(target)
-            float_model = strip_fake_quant(target).eval() if qat else target
-            sim_model = (
-                target
-                if qat
-                else quantize_model_simulated(
-                    target, calibration_batches=calibration, bits=bits, per_channel=self.per_channel
-                ).eval()
+        with _evaluation_stage(trainer):
+            report = quantization_report(
+                self.target_module(pl_module),
+                (images for images, _ in self._batches(trainer, "train", device, self.options.calibration_batches)),
+                self._batches(trainer, split, device, self.options.eval_batches),
+                log_dir,
+                self.options,
+                split=split,
+                device=device,
             )
-            # A model returning a ModelOutput / tuple / dict is read, exported and timed by its logits.
-            float_model, sim_model = LogitsOutput(float_model).eval(), LogitsOutput(sim_model).eval()
-            models: dict[str, nn.Module] = {"float": float_model, f"sim{bits}": sim_model}
-            results: dict[str, float] = {}
-            input_shape = tuple(calibration[0].shape[1:])
-            # ONNX export and latency on the CPU: int8 runs there, and the comparison must be same-device.
-            cpu_float = copy.deepcopy(float_model).cpu().eval()
-            runners: dict[str, nn.Module] = {
-                "torch_float": cpu_float,
-                f"torch_sim{bits}": copy.deepcopy(sim_model).cpu().eval(),
-            }
-            paths: dict[str, str] = {}
-            if self.int8:
-                float_path = export_onnx(cpu_float, (1, *input_shape), log_dir / FLOAT_ONNX_FILE)
-                int8_path = export_int8_onnx(
-                    cpu_float,
-                    (1, *input_shape),
-                    calibration,
-                    log_dir / INT8_FILE,
-                    per_channel=self.per_channel,
-                    allow_float_layers=self.allow_float_layers,
-                )
-                models["int8"] = runners["ort_int8"] = OnnxRuntimeModel(int8_path, num_threads=self.threads)
-                runners["ort_float"] = OnnxRuntimeModel(float_path, num_threads=self.threads)
-                results["quant/size_bytes/onnx_float"] = float(float_path.stat().st_size)
-                results["quant/size_bytes/onnx_int8"] = float(int8_path.stat().st_size)
-                paths = {"onnx_float": str(float_path), "onnx_int8": str(int8_path)}
-
-            top1 = evaluate_top1(models, self._batches(trainer, split, device, self.eval_batches))
-            for name, accuracy in top1.items():
-                results[f"quant/{split}_top1_{name}"] = accuracy
-            results[f"quant/{split}_top1_drop_sim{bits}"] = top1["float"] - top1[f"sim{bits}"]
-
-            latency = measure_cpu_latency(
-                runners,
-                input_shape,
-                self.latency_batch_sizes,
-                warmup=self.latency_warmup,
-                iters=self.latency_iters,
-                threads=self.threads,
-            )
-        for name, per_batch in latency.items():
-            for batch_size, stats in per_batch.items():
-                results[f"quant/latency_ms/{name}/bs{batch_size}"] = stats.median_s * 1e3
-        if "ort_int8" in latency:
-            for batch_size in self.latency_batch_sizes:
-                results[f"quant/int8_speedup/bs{batch_size}"] = (
-                    latency["ort_float"][batch_size].median_s / latency["ort_int8"][batch_size].median_s
-                )
-        self.results = results
-        self._write(trainer, log_dir, split, qat, calibration, latency, paths, time.perf_counter() - started)
-        return results
+        self.results = report.metrics
+        self._write(trainer, log_dir, report)
+        return report.metrics
 
     def _batches(
         self, trainer: pl.Trainer, split: str, device: torch.device, limit: int | None
@@ -376,85 +291,12 @@ class QuantizationCallback(StructuralCompressionCallback):
         if count == 0:
             raise ValueError(f"QuantizationCallback found no {split} batch: the {split} dataloader is empty.")
 
-    def _write(
-        self,
-        trainer: pl.Trainer,
-        log_dir: Path,
-        split: str,
-        qat: bool,
-        calibration: list[torch.Tensor],
-        latency: dict[str, dict[int, LatencyStats]],
-        paths: dict[str, str],
-        seconds: float,
-    ) -> None:
+    def _write(self, trainer: pl.Trainer, log_dir: Path, report: QuantizationReport) -> None:
         for logger in trainer.loggers:
-            logger.log_metrics(self.results, step=trainer.global_step)
+            logger.log_metrics(report.metrics, step=trainer.global_step)
             logger.save()
-        report = {
-            "split": split,
-            "bits": self.bits,
-            "per_channel": self.per_channel,
-            "qat": qat,
-            "calibration_batches": len(calibration),
-            "calibration_images": sum(len(batch) for batch in calibration),
-            "eval_batches": self.eval_batches,
-            "metrics": self.results,
-            "latency": {
-                name: {str(batch_size): stats.to_dict() for batch_size, stats in per_batch.items()}
-                for name, per_batch in latency.items()
-            },
-            "threads": self.threads or torch.get_num_threads(),
-            "files": paths,
-            "seconds": seconds,
-        }
-        (log_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        top1 = {key.rsplit("_top1_", 1)[1]: value for key, value in self.results.items() if f"{split}_top1_" in key}
-        log.info(
-            "QuantizationCallback (%s, %d bits%s): %s top-1 %s; wrote %s (%.1f s).",
-            "QAT" if qat else "post-training", self.bits, ", per channel" if self.per_channel else "", split,
-            ", ".join(f"{name} {value:.4f}" for name, value in top1.items()), log_dir / REPORT_FILE, seconds,
-        )  # fmt: skip
-
-
-# --- pure helpers (also used by benchmarks/paper001_table.py) ---------------------------------
-
-
-@torch.no_grad()
-def measure_cpu_latency(
-    models: Mapping[str, nn.Module],
-    input_shape: Sequence[int],
-    batch_sizes: Sequence[int],
-    *,
-    warmup: int = 5,
-    iters: int = 50,
-    threads: int | None = None,
-) -> dict[str, dict[int, LatencyStats]]:
-    """CPU inference latency of each model at each batch size, with the one timing loop.
-
-    Args:
-        models: name -> model on the CPU in eval mode (eager torch or `OnnxRuntimeModel`).
-        input_shape: one input without the batch dimension.
-        batch_sizes: batch sizes to time.
-        warmup: untimed calls first.
-        iters: timed calls.
-        threads: `torch.set_num_threads` during the measurement; None keeps the current one.
-            (`OnnxRuntimeModel` has its own thread count, set when it is built.)
-
-    Returns:
-        name -> batch size -> `LatencyStats`.
-    """
-    generator = torch.Generator().manual_seed(0)
-    results: dict[str, dict[int, LatencyStats]] = {}
-    with num_threads(threads), torch.inference_mode():
-        for name, model in models.items():
-            results[name] = {}
-            for batch_size in batch_sizes:
-                example = torch.randn(batch_size, *input_shape, generator=generator)
-                # The call is bound now (`model(example)`), not looked up when `measure_latency` calls it.
-                results[name][batch_size] = measure_latency(
-                    functools.partial(model, example), device="cpu", warmup=warmup, iters=iters
-                )
-    return results
+        (log_dir / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        log.info("QuantizationCallback wrote %s.\n%s", log_dir / REPORT_FILE, report.to_markdown())
 
 
 def _loader(trainer: pl.Trainer, split: str) -> Iterable[Any]:
@@ -494,20 +336,6 @@ def _evaluation_stage(trainer: pl.Trainer) -> Iterator[None]:
         trainer.state.stage = stage
 
 
-@contextlib.contextmanager
-def _restored(module: nn.Module) -> Iterator[None]:
-    """Puts back `module`'s device and every submodule's train/eval flag."""
-    parameter = next(module.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    training = {submodule: submodule.training for submodule in module.modules()}
-    try:
-        yield
-    finally:
-        module.to(device)
-        for submodule, was_training in training.items():
-            submodule.training = was_training
-
-
 def _check_logits_output(trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module) -> None:
     """Fails before training if the report at its end could not read logits from `target`'s output.
 
@@ -532,12 +360,3 @@ def _check_logits_output(trainer: pl.Trainer, pl_module: pl.LightningModule, tar
             f"QuantizationCallback evaluates {type(target).__name__} by its logits: {error} Return logits from "
             "`forward`, or set `module_path` to a submodule that does."
         ) from None
-
-
-def _has_fake_quant(module: nn.Module) -> bool:
-    return any(isinstance(submodule, ActivationQuantizer) for submodule in module.modules())
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")

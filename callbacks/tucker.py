@@ -37,6 +37,7 @@ The algorithm is `compresslight.compression.tucker.decompose_model`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -44,9 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from compresslight.callbacks.structural_edit import StructuralCompressionCallback, find_example_inputs
-from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
@@ -59,9 +58,9 @@ from compresslight.compression.tucker import (
     decompose_model,
     selected_layers,
 )
+from compresslight.compression.tucker_report import TuckerReport, model_cost
+from compresslight.compression.tucker_selection import TuckerOptions
 from compresslight.lightning_compat import rank_zero_only
-from compresslight.profiling.counting import count_macs
-from compresslight.profiling.side_by_side import FASTER, format_speedup
 
 log = logging.getLogger(__name__)
 
@@ -138,36 +137,30 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         module_path: str | None = None,
     ) -> None:
         super().__init__(module_path=module_path)
-        _check_rank_method(rank_method)
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"`epoch` must be an int >= 0 (0: once in `setup`), got {epoch!r}.")
         if isinstance(layers, str):
             layers = [layers]
         if not layers or not all(isinstance(pattern, str) and pattern for pattern in layers):
             raise ValueError(f"`layers` must be a non-empty list of non-empty glob patterns, got {layers!r}.")
-        if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-            raise ValueError(f"`min_rank` must be an int >= 1, got {min_rank!r}.")
-        if zero_rank not in ("min_rank", "skip"):
-            raise ValueError(f"`zero_rank` must be 'min_rank' or 'skip', got {zero_rank!r}.")
-        if pointwise not in ("svd", "skip"):
-            raise ValueError(f"`pointwise` must be 'svd' or 'skip', got {pointwise!r}.")
-        if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 0:
-            raise ValueError(f"`n_iter_max` must be an int >= 0, got {n_iter_max!r}.")
+        #: The algorithm's options, checked by it here (before any training).
+        self.options = TuckerOptions(
+            layer_patterns=list(layers),
+            rank_method=dict(rank_method) if isinstance(rank_method, Mapping) else rank_method,
+            skip_first_conv=skip_first_conv,
+            min_rank=min_rank,
+            zero_rank=zero_rank,
+            pointwise=pointwise,
+            include_linear=include_linear,
+            require_reduction=require_reduction,
+            n_iter_max=n_iter_max,
+        )
         # Built now (on the CPU when the device is the trainer's) so bad settings fail at once.
         RuntimeCheck(
             batch_sizes=batch_sizes, threads=(None,) if threads is None else threads, device=device or "cpu",
             margin=margin, warmup=warmup, iters=iters, train=train, rounds=rounds, whole_model=whole_model,
         )  # fmt: skip
-        self.rank_method = dict(rank_method) if isinstance(rank_method, Mapping) else rank_method
         self.epoch = epoch
-        self.layers = list(layers)
-        self.skip_first_conv = skip_first_conv
-        self.min_rank = min_rank
-        self.zero_rank = zero_rank
-        self.pointwise = pointwise
-        self.include_linear = include_linear
-        self.require_reduction = require_reduction
-        self.n_iter_max = n_iter_max
         self.runtime_aware = runtime_aware
         self.batch_sizes = list(batch_sizes)
         self.threads = None if threads is None else list(threads)
@@ -179,10 +172,18 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         self.rounds = rounds
         self.whole_model = whole_model
         self.decomposed = False
-        #: The decomposition report (see `report_markdown`), once decomposed in this process.
-        self.report: dict[str, Any] | None = None
+        #: The decomposition report (`TuckerReport`), once decomposed in this process.
+        self.report: TuckerReport | None = None
         self._log_dir: Path | None = None
         self._restored = False
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.options.layer_patterns)
+
+    @property
+    def rank_method(self) -> Any:
+        return self.options.rank_method
 
     @property
     @override
@@ -201,9 +202,10 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
             return
         # Patterns and explicit ranks are checked now, whatever the epoch: a typo must not
         # surface after `epoch` epochs of training.
+        options = self.options
         selected_layers(
-            self.target_module(pl_module), self.layers, self.rank_method, skip_first_conv=self.skip_first_conv,
-            pointwise=self.pointwise, include_linear=self.include_linear,
+            self.target_module(pl_module), options.layer_patterns, options.rank_method,
+            skip_first_conv=options.skip_first_conv, pointwise=options.pointwise, include_linear=options.include_linear,
         )  # fmt: skip
         if self.epoch == 0:
             # On resume, Lightning restores the checkpoint after `setup`: the restore guard of
@@ -245,52 +247,36 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
                 iters=self.iters, train=self.train, rounds=self.rounds, whole_model=self.whole_model,
                 progress=None if trainer.progress_bar_callback is not None else False,
             )  # fmt: skip
-        before = _cost(target, inputs)
+        before = model_cost(target, inputs)
         started = time.perf_counter()
         record: TuckerRecord = self.apply_edit(  # type: ignore[assignment]  # the edit's own record
             trainer,
             pl_module,
             lambda module: decompose_model(
-                module,
-                self.layers,
-                self.rank_method,
-                skip_first_conv=self.skip_first_conv,
-                min_rank=self.min_rank,
-                zero_rank=self.zero_rank,
-                pointwise=self.pointwise,
-                include_linear=self.include_linear,
-                require_reduction=self.require_reduction,
-                n_iter_max=self.n_iter_max,
-                runtime_aware=check,
-                example_inputs=inputs,
+                module, **dataclasses.asdict(self.options), runtime_aware=check, example_inputs=inputs
             ),
             example_inputs=inputs,
         )
-        seconds = time.perf_counter() - started
-        after = _cost(target, inputs)
         self.decomposed = True
-        self.report = {
-            "callback": type(self).__name__,
-            "epoch": trainer.current_epoch,
-            "rank_method": self.rank_method,
-            "runtime_check": None if check is None else _check_settings(check),
-            "seconds": seconds,
-            "params_before": before["params"],
-            "params_after": after["params"],
-            "macs_before": before["macs"],
-            "macs_after": after["macs"],
-            "theoretical_speedup": before["macs"] / max(after["macs"], 1),
-            "decomposed": sorted(record.methods),
-            "layers": record.report,
-            "whole_model": record.whole_model,
-        }
+        self.report = TuckerReport(
+            rank_method=self.rank_method,
+            runtime_check=None if check is None else check.summary(),
+            seconds=time.perf_counter() - started,
+            before=before,
+            after=model_cost(target, inputs),
+            decomposed=sorted(record.methods),
+            layers=record.report,
+            whole_model=record.whole_model,
+            callback=type(self).__name__,
+            epoch=trainer.current_epoch,
+        )
         if publish:
             self._publish(trainer, self.report)
 
     def _edit_in_place(self, pl_module: pl.LightningModule) -> bool:
         """Whether every layer of this process's decomposition is still factorized."""
         target = self.target_module(pl_module)
-        for name in self.report["decomposed"] if self.report else ():
+        for name in self.report.decomposed if self.report else ():
             try:
                 layer = target.get_submodule(name)
             except AttributeError:
@@ -300,12 +286,12 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         return True
 
     @rank_zero_only
-    def _publish(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
+    def _publish(self, trainer: pl.Trainer, report: TuckerReport) -> None:
         metrics: dict[str, float] = {
-            "compression/tucker/decomposed_layers": float(len(report["decomposed"])),
-            "compression/tucker/kept_layers": float(sum(row["decision"] == "kept" for row in report["layers"])),
+            "compression/tucker/decomposed_layers": float(len(report.decomposed)),
+            "compression/tucker/kept_layers": float(sum(row["decision"] == "kept" for row in report.layers)),
         }
-        for row in report["layers"]:
+        for row in report.layers:
             if row["decision"] != "decomposed":
                 continue
             if row["method"] == "tucker2":
@@ -317,8 +303,8 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
             logger.log_metrics(metrics, step=trainer.global_step)
         log_dir = self._log_dir or Path(trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / f"{REPORT_NAME}.json").write_text(json.dumps(report, indent=2))
-        markdown = report_markdown(report)
+        (log_dir / f"{REPORT_NAME}.json").write_text(json.dumps(report.to_dict(), indent=2))
+        markdown = report.to_markdown()
         (log_dir / f"{REPORT_NAME}.md").write_text(markdown)
         log.info("TuckerVBMFCallback wrote %s.\n%s", log_dir / f"{REPORT_NAME}.md", markdown)
 
@@ -335,142 +321,3 @@ class TuckerVBMFCallback(StructuralCompressionCallback):
         # The checkpoint says what the model is: a decomposition made in `setup` of this process
         # has been undone by the restore (see `StructuralCompressionCallback`).
         self._restored = True
-
-
-def report_markdown(report: Mapping[str, Any]) -> str:
-    """The decomposition report as Markdown: totals, then one row per considered layer.
-
-    Args:
-        report: `TuckerVBMFCallback.report` (or the `tucker_report.json` it wrote).
-    """
-    lines = [f"# Tucker-2 decomposition (rank method: {report['rank_method']})", ""]
-    check = report.get("runtime_check")
-    if check:
-        threads = ", ".join("current" if t is None else str(t) for t in check["threads"])
-        lines += [
-            f"Runtime-aware on `{check['device']}`: batch sizes {check['batch_sizes']}, threads [{threads}], "
-            f"{'inference and train step' if check['train'] else 'inference'}; a factorization must be "
-            f"{check['margin']:.0%} faster in every setting.",
-            "",
-        ]
-    lines += [
-        f"Decomposed {len(report['decomposed'])} layers in {report['seconds']:.2f} s.",
-        "",
-        "| | params | MACs (batch 1) |",
-        "|---|---:|---:|",
-        f"| before | {report['params_before']:,} | {report['macs_before']:,} |",
-        f"| after | {report['params_after']:,} | {report['macs_after']:,} |",
-        f"| ratio | {report['params_before'] / max(report['params_after'], 1):.2f}x | "
-        f"{report['theoretical_speedup']:.2f}x |",
-        "",
-    ]
-    settings = list(
-        dict.fromkeys(
-            (row["mode"], row["batch_size"], row["threads"]) for layer in report["layers"] for row in layer["latency"]
-        )
-    )
-    header = ["layer", "method", "ranks", "params", "MACs"]
-    header += [f"{mode} bs{batch} t{threads} ms" for mode, batch, threads in settings]
-    header += ["decision", "reason"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for layer in report["layers"]:
-        ranks = "-" if layer["ranks"] is None else "x".join(str(rank) for rank in layer["ranks"])
-        cells = [
-            layer["name"],
-            layer["method"] or "-",
-            ranks,
-            _before_after(layer["params_before"], layer["params_after"]),
-            _before_after(layer["macs_before"], layer["macs_after"]),
-        ]
-        measured = {(row["mode"], row["batch_size"], row["threads"]): row for row in layer["latency"]}
-        for setting in settings:
-            row = measured.get(setting)
-            cells.append(
-                "-"
-                if row is None
-                else f"{row['original']['median_s'] * 1e3:.3f} -> {row['factorized']['median_s'] * 1e3:.3f} "
-                f"({_speedup(row)})"
-            )
-        cells += [layer["decision"] or "-", layer["reason"] or ""]
-        lines.append("| " + " | ".join(cells) + " |")
-    checks = report.get("whole_model") or []
-    if checks:
-        lines += ["", "Whole-model checks (original -> decomposed, median ms, side-by-side speedup [interval]):", ""]
-        settings = list(dict.fromkeys((r["mode"], r["batch_size"], r["threads"]) for c in checks for r in c["rows"]))
-        header = ["check"] + [f"{mode} bs{batch} t{threads}" for mode, batch, threads in settings] + ["then"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for number, check in enumerate(checks, 1):
-            measured = {(r["mode"], r["batch_size"], r["threads"]): r for r in check["rows"]}
-            cells = [str(number)]
-            for setting in settings:
-                r = measured.get(setting)
-                cells.append(
-                    "-"
-                    if r is None
-                    else f"{r['original']['median_s'] * 1e3:.2f} -> "
-                    f"{r['factorized']['median_s'] * 1e3:.2f} ({_speedup(r)})"
-                )
-            if check["reverted"] is not None:
-                cells.append(f"revert {check['reverted']}")
-            else:
-                cells.append("done" if check is checks[-1] else "time every setting again")
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _speedup(row: Mapping[str, Any]) -> str:
-    """`1.23x [1.15, 1.31] slower` (the verdict only when it is not "faster"), or `1.23x` for old reports."""
-    if row.get("low") is None:
-        return f"{row['speedup']:.2f}x"
-    text = format_speedup(row["speedup"], row["low"], row["high"])
-    return text if row.get("verdict") == FASTER else f"{text} {row.get('verdict')}"
-
-
-def _before_after(before: int | None, after: int | None) -> str:
-    if before is None:
-        return "-"
-    return f"{before:,}" if after is None else f"{before:,} -> {after:,}"
-
-
-def _check_settings(check: RuntimeCheck) -> dict[str, Any]:
-    return {
-        "batch_sizes": list(check.batch_sizes),
-        "threads": list(check.threads),
-        "device": check.device,
-        "margin": check.margin,
-        "train": check.train,
-        "warmup": check.warmup,
-        "iters": check.iters,
-        "rounds": check.rounds,
-        "max_rounds": check.side_by_side.max_rounds,
-        "confidence": check.confidence,
-        "whole_model": check.whole_model,
-    }
-
-
-def _cost(module: nn.Module, inputs: torch.Tensor) -> dict[str, int]:
-    """Parameters and forward MACs at batch 1 of `module`."""
-    was_training = module.training
-    module.eval()  # a train-mode forward would move BatchNorm's running statistics
-    try:
-        macs = count_macs(module, inputs[:1])[0]
-    finally:
-        module.train(was_training)
-    return {"params": sum(p.numel() for p in module.parameters()), "macs": macs}
-
-
-def _check_rank_method(rank_method: Any) -> None:
-    if isinstance(rank_method, str):
-        if rank_method != "vbmf":
-            raise ValueError(
-                f"`rank_method` must be 'vbmf', a fraction in (0, 1] or a dict of ranks, got {rank_method!r}."
-            )
-    elif isinstance(rank_method, bool):
-        raise ValueError(f"`rank_method` must be 'vbmf', a fraction in (0, 1] or a dict of ranks, got {rank_method!r}.")
-    elif isinstance(rank_method, (int, float)):
-        if not 0.0 < rank_method <= 1.0:
-            raise ValueError(f"`rank_method` as a fraction must be in (0, 1], got {rank_method!r}.")
-    elif not isinstance(rank_method, Mapping) or not rank_method:
-        raise ValueError(
-            f"`rank_method` must be 'vbmf', a fraction in (0, 1] or a non-empty dict of ranks, got {rank_method!r}."
-        )

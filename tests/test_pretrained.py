@@ -337,11 +337,13 @@ def test_pruned_option_a_checkpoint_replays_in_a_new_process(tmp_path: Path) -> 
 
 @pytest.mark.slow  # an ONNX export: seconds
 def test_a_pruned_option_a_model_exports_to_onnx_runtime(tmp_path: Path) -> None:
-    from compresslight.compression.quantization import OnnxRuntimeModel, export_onnx
+    from compresslight.compression.quantization_onnx import OnnxRuntimeModel
+    from compresslight.profiling.backends import export_onnx
 
     model = randomized(create_model("resnet20_a", num_classes=4))
     x = torch.randn(2, *INPUT_SHAPE)
     prune_filters(model, 0.3, example_inputs=x)
     assert model.layer2[0].shortcut._pad is None  # the gather path, not a plain pad
-    path = export_onnx(model, (1, *INPUT_SHAPE), tmp_path / "pruned.onnx")
+    path = tmp_path / "pruned.onnx"
+    export_onnx(model.eval(), x, path)
     torch.testing.assert_close(torch.as_tensor(OnnxRuntimeModel(str(path))(x)), model(x), rtol=1e-4, atol=1e-5)

@@ -15,11 +15,8 @@ from compresslight.compression.quantization import (
     FakeQuantConv2d,
     FakeQuantLinear,
     FakeQuantRecord,
-    OnnxRuntimeModel,
     calibrate,
     convert_to_simulated,
-    export_int8_onnx,
-    export_onnx,
     fake_quant_record,
     fake_quantize,
     insert_fake_quant,
@@ -28,6 +25,7 @@ from compresslight.compression.quantization import (
     quantize_model_simulated,
     strip_fake_quant,
 )
+from compresslight.compression.quantization_onnx import OnnxRuntimeModel, export_int8_onnx
 from compresslight.compression.record import CompressionRecord, replay
 
 INPUT_SHAPE = (1, 3, 16, 16)
@@ -333,8 +331,10 @@ def test_strip_fake_quant_gives_plain_float_layers() -> None:
 def int8_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyNet, Path, Path]:
     directory = tmp_path_factory.mktemp("onnx")
     model = tiny_net()
-    float_path = export_onnx(model, INPUT_SHAPE, directory / "float.onnx")
-    int8_path = export_int8_onnx(model, INPUT_SHAPE, batches(), directory / "int8.onnx", per_channel=True)
+    float_path = directory / "float.onnx"
+    int8_path = export_int8_onnx(
+        model, INPUT_SHAPE, batches(), directory / "int8.onnx", per_channel=True, float_path=float_path
+    )
     return model, float_path, int8_path
 
 

@@ -223,7 +223,7 @@ def test_int8_model_is_written_measured_and_reloads_in_a_new_process(tmp_path):
         sys.path.insert(0, {str(TESTS_DIR)!r})
         import torch
         from test_quantization_callback import TinyImageDataModule
-        from compresslight.compression.quantization import OnnxRuntimeModel
+        from compresslight.compression.quantization_onnx import OnnxRuntimeModel
         datamodule = TinyImageDataModule()
         datamodule.setup("fit")
         int8 = OnnxRuntimeModel({str(path)!r})
