@@ -42,7 +42,7 @@ from compresslight.compression.budget import BudgetProblem, allocate, step_ratio
 from compresslight.compression.depth import remove_blocks
 from compresslight.compression.latency_table import LatencyTable
 from compresslight.compression.pruning import prune_filters
-from compresslight.compression.quantization import OnnxRuntimeModel, export_int8_onnx
+from compresslight.compression.quantization_onnx import OnnxRuntimeModel, export_int8_onnx
 from compresslight.compression.record import CompressionRecord
 from compresslight.evaluation import evaluate_top1, validation_batches
 from compresslight.profiling.backends import onnxruntime_runner

@@ -714,13 +714,3 @@ def strip_fake_quant(model: nn.Module) -> nn.Module:
         _adopt_parameters(plain, layer)
         _set_submodule(stripped, name, plain.to(layer.weight.device))
     return stripped
-
-
-def __getattr__(name: str) -> Any:
-    # The int8 ONNX Runtime pieces moved to `quantization_onnx` (which imports this module, so a
-    # plain re-export would be an import cycle); the README's reload path still works.
-    if name in ("OnnxRuntimeModel", "export_int8_onnx"):
-        from compresslight.compression import quantization_onnx
-
-        return getattr(quantization_onnx, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
