@@ -1,0 +1,95 @@
+"""Paper 000's table from the runs `benchmarks/reproduce_paper000.sh` made: reads each run's
+metrics.csv (last validation top-1 and macro F1) and its `cli.py profile --baseline` report
+(profile.json: side-by-side speedups with intervals), prints one Markdown table per thread count.
+
+    python benchmarks/paper000_table.py runs/paper000 prune12 prune25 tucker_vbmf tucker_vbmf_runtime
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+PAPER = {  # paper 000, Table I (ResNet20, CIFAR-10, 100 fine-tuning epochs)
+    "baseline": "92.02% / 272K",
+    "prune12": "- / -",
+    "prune25": "90.59% / 153K",
+}
+COLUMNS = [  # (backend, mode, batch size)
+    ("torch", "inference", 1),
+    ("torch", "train", 1),
+    ("torch", "inference", 128),
+    ("torch", "train", 128),
+    ("onnxruntime", "inference", 1),
+    ("onnxruntime", "inference", 128),
+]
+
+
+def last_metrics(run: Path, stage: str) -> dict[str, float]:
+    """The last logged `<stage>/top1` and `<stage>/f1` of a CSVLogger run."""
+    found: dict[str, float] = {}
+    with open(run / "metrics.csv") as file:
+        for row in csv.DictReader(file):
+            for key in ("top1", "f1"):
+                if row.get(f"{stage}/{key}"):
+                    found[key] = float(row[f"{stage}/{key}"])
+    return found
+
+
+def latest(path: Path) -> Path:
+    versions = sorted(path.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not versions:
+        raise FileNotFoundError(f"no version_* run under {path}")
+    return versions[-1]
+
+
+def speedup_cell(speedups: list[dict], backend: str, mode: str, batch_size: int) -> str:
+    for s in speedups:
+        if (s["backend"], s["mode"], s["batch_size"]) == (backend, mode, batch_size):
+            interval = f" [{s['low']:.2f}, {s['high']:.2f}]" if s.get("low") is not None else ""
+            mark = "" if s.get("verdict") in (None, "faster") else f" {s['verdict']}"
+            return f"{s['observed']:.2f}x{interval}{mark}"
+    return "-"
+
+
+def main(out: Path, methods: list[str]) -> None:
+    baseline_metrics = last_metrics(latest(out / "resnet20_pretrained"), "test")
+    rows: dict[int, list[str]] = {}
+    for method in methods:
+        run = latest(out / f"resnet20_{method}")
+        metrics = last_metrics(run, "val")
+        report = json.loads((run / "profile_vs_baseline" / "profile.json").read_text())
+        base, current = report["baseline"][0], report["current"][0]
+        for comparison in report["comparisons"]:
+            threads = int(comparison["setting"].split("(cpu, ")[1].split(" thread")[0])
+            if threads not in rows:
+                rows[threads] = [
+                    f"| baseline (published, fine-tuned) | {base['params']['total']:,} | "
+                    f"{base['params']['bytes'] / 1024:.0f} KiB | 1.00x | {100 * baseline_metrics['top1']:.2f}% | "
+                    f"{baseline_metrics['f1']:.4f} | "
+                    + " | ".join("1.00x" for _ in COLUMNS)
+                    + f" | {PAPER['baseline']} |"
+                ]
+            cells = [speedup_cell(comparison["speedups"], *column) for column in COLUMNS]
+            rows[threads].append(
+                f"| {method} | {current['params']['total']:,} | {current['params']['bytes'] / 1024:.0f} KiB | "
+                f"{comparison['theoretical_speedup']:.2f}x | {100 * metrics['top1']:.2f}% | {metrics['f1']:.4f} | "
+                + " | ".join(cells)
+                + f" | {PAPER.get(method, '- / -')} |"
+            )
+    header = (
+        "| model | params | weights | theoretical | top-1 | macro F1 | "
+        + " | ".join(f"{b} {m} b{n}" for b, m, n in COLUMNS)
+        + " | paper 000 top-1 / params |"
+    )
+    for threads, lines in sorted(rows.items()):
+        print(f"\n{threads} thread(s); speedups over the baseline, side by side [95% interval]\n")
+        print(header)
+        print("|" + "---|" * (header.count("|") - 1))
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
