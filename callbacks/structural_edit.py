@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from compresslight.callbacks._trainer import append_jsonl, resolve_log_dir, run_on_rank_zero
 from torch import nn
 from typing_extensions import override
 
@@ -155,6 +155,8 @@ class StructuralCompressionCallback(DivergenceGuard):
     def __init__(self, module_path: str | None = None) -> None:
         self.module_path = module_path
         self.records: list[dict[str, Any]] = []
+        #: The run's log dir, resolved in `setup` (every rank runs it; the lookup is a collective under DDP).
+        self.log_dir: Path | None = None
 
     @property
     @override
@@ -188,6 +190,7 @@ class StructuralCompressionCallback(DivergenceGuard):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.target_module(pl_module)  # fail early on a bad module_path
+        self.log_dir = resolve_log_dir(trainer)
         if stage == "fit":
             self.check_epochs_are_reached(trainer)  # `max_epochs`; `max_steps` once the loader is known
         _RestoreGuard.install(pl_module)
@@ -270,26 +273,14 @@ class StructuralCompressionCallback(DivergenceGuard):
             # restores a checkpoint: keep a copy of the module as it was.
             _RestoreGuard.install(pl_module).snapshot(path, target)
 
-        record_dict: dict[str, Any] | None = None
-        failure: str | None = None
-        if trainer.is_global_zero:
-            try:
-                record = edit(target)
-            except Exception as error:
-                if trainer.world_size == 1:
-                    raise
-                failure = f"{type(error).__name__}: {error}"
-            else:
-                record.target = path
-                record_dict = record.to_dict()
-        if trainer.world_size > 1:
-            # Rank 0 decides (measurement-driven choices may differ between processes); the
-            # others replay its record. A failure is broadcast too, so no rank waits forever.
-            record_dict, failure = trainer.strategy.broadcast((record_dict, failure), src=0)
-            if failure is not None:
-                raise RuntimeError(f"{type(self).__name__} failed on rank 0: {failure}")
-            if not trainer.is_global_zero:
-                replay(pl_module, [record_dict])
+        def run_edit() -> dict[str, Any]:
+            record = edit(target)
+            record.target = path
+            return record.to_dict()
+
+        record_dict = run_on_rank_zero(trainer, run_edit, f"{type(self).__name__}'s edit")
+        if not trainer.is_global_zero:
+            replay(pl_module, [record_dict])
         record = as_record(record_dict)
 
         edit_index = getattr(pl_module, _EDIT_COUNT_ATTR, 0)
@@ -302,11 +293,9 @@ class StructuralCompressionCallback(DivergenceGuard):
 
         after = _structure_summary(target, inputs)
         seconds = time.perf_counter() - started
-        # `trainer.log_dir` is a collective under DDP (it broadcasts rank 0's path): resolve it
-        # here, on every rank, never inside the rank-0-only `_log_edit`, where rank 0 would
-        # broadcast alone and pair with the next collective of the other ranks (DDP's buffer
-        # sync in the next forward), which hangs the run.
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        # The log dir is a collective under DDP: resolved on every rank, never inside the rank-0-only `_log_edit`,
+        # where rank 0 would broadcast alone and pair with the other ranks' next collective (a hang).
+        log_dir = self.log_dir if self.log_dir is not None else resolve_log_dir(trainer)
         self._log_edit(trainer, record, before, after, seconds, log_dir)
         for callback in trainer.callbacks:
             if callback is not self and hasattr(callback, "on_compression"):
@@ -342,9 +331,7 @@ class StructuralCompressionCallback(DivergenceGuard):
             "before": before,
             "after": after,
         }
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_dir / "compression_log.jsonl", "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        append_jsonl(log_dir / "compression_log.jsonl", entry)
         log.info(
             "%s (%s): params %d -> %d, MACs %d -> %d, %.2f s.",
             type(self).__name__,
