@@ -489,16 +489,26 @@ class OptimizerSnapshot:
 
 
 def rebuild_optimizers(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: OptimizerSnapshot, record: CompressionRecord
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    snapshot: OptimizerSnapshot | None = None,
+    record: CompressionRecord | None = None,
 ) -> None:
-    """Gives the Trainer optimizers over the edited module's parameters.
+    """Gives the Trainer optimizers over the module's current parameters.
 
-    Re-wraps the model under DDP, calls `configure_optimizers` again, carries each surviving
-    parameter's state (sliced with the record's kept indices where its shape shrank) and
-    restores the LR schedulers' position and the param groups' current hyperparameters. A stale optimizer would
-    keep stepping the removed tensors and silently never update the new ones.
+    After an edit (`snapshot` taken before it): re-wraps the model under DDP, calls
+    `configure_optimizers` again, carries each surviving parameter's state (sliced with the
+    `record`'s kept indices where its shape shrank) and restores the LR schedulers' position and the
+    param groups' current hyperparameters. A stale optimizer would keep stepping the removed tensors
+    and silently never update the new ones.
+
+    Without a snapshot: fresh optimizers and schedulers, as Lightning makes them at the start of fit
+    (initial lr, no momentum; LC's `restart_lr`). The structure is unchanged: no DDP re-wrap.
     """
     strategy = trainer.strategy
+    if snapshot is None:
+        strategy.setup_optimizers(trainer)
+        return
     if pl.is_ddp_strategy(strategy):
         # DDP keeps its own view of the parameters (buckets, hooks): wrap the edited module anew.
         # The new wrapper broadcasts rank 0's weights, so every rank starts the same.
@@ -506,8 +516,10 @@ def rebuild_optimizers(
         strategy.configure_ddp()
     strategy.setup_optimizers(trainer)
 
-    prefix = f"{record.target}." if record.target else ""
-    index_map = {prefix + name: dims for name, dims in record.parameter_index_map().items()}
+    index_map = {}
+    if record is not None:
+        prefix = f"{record.target}." if record.target else ""
+        index_map = {prefix + name: dims for name, dims in record.parameter_index_map().items()}
     names = {id(param): name for name, param in pl_module.named_parameters()}
     for optimizer, old_states in zip(trainer.optimizers, snapshot.states):
         for group in optimizer.param_groups:
