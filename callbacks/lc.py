@@ -1,23 +1,18 @@
 """`LCCallback`: low-rank compression that learns each layer's rank with the LC algorithm (paper 003).
 
-One `fit` runs the whole pipeline of paper 003 on a trained network (start it from a baseline with
-`--model.init_from`): T L steps of `epochs_per_step` epochs, a C step at the start of the epoch after
-each, the factorization at the start of epoch `steps * epochs_per_step` (or after the C step that
-reached `tolerance`), then fine-tuning. When each step happens, and the report, are in
-`compresslight.compression.lc_schedule`; the algorithm is `compresslight.compression.lc.LowRankLC`.
-This callback only places them in the Trainer's hooks:
+One `fit` runs paper 003's pipeline on a trained network (start from a baseline with
+`--model.init_from`): T L steps, a C step at the start of the epoch after each, the factorization,
+then fine-tuning. The algorithm is `compression.lc.LowRankLC`; when each step happens, the options
+and the report are in `compression.lc_schedule`. This callback places them in the Trainer's hooks:
 
 - the penalty gradient is added in `on_before_optimizer_step`, once per optimizer step, after
   Lightning has accumulated the micro-batches' gradients and unscaled them under mixed precision
   (after each `backward` it would count `accumulate_grad_batches` times, on still-scaled gradients);
-- C steps run on rank 0 and are broadcast, so every DDP rank penalizes toward the same Theta;
-- the factorization is a structural edit (`apply_edit`): a replayable `LowRankRecord`, so a
-  compressed checkpoint loads anywhere without this callback.
+- C steps and a runtime-model measurement run on rank 0 and are broadcast;
+- the factorization is a structural edit (`apply_edit`): a replayable `LowRankRecord`.
 
-Every C step logs `lc/mu`, `lc/predicted_cost`, `lc/predicted_network_ms` (runtime model only),
-`lc/distance`, `lc/c_step_seconds` and `lc/rank/<layer>` to every logger and a line to
-`lc_log.jsonl` in the run's log dir. The algorithm's state (step, mu, Theta, multipliers, the
-runtime model measured on the fly) is in the callback's `state_dict`: a fit resumes mid-algorithm.
+Logged per C step: `lc/...` metrics (`LCReport.metrics`) and a line of `lc_log.jsonl` in the log
+dir. The algorithm's state is in `state_dict`: a fit resumes mid-algorithm.
 """
 
 from __future__ import annotations
@@ -64,39 +59,27 @@ __all__ = ["COSTS", "LCCallback"]
 class LCCallback(StructuralCompressionCallback):
     """Learns per-layer ranks and low-rank weights with the LC algorithm, then factorizes and fine-tunes.
 
-    Args:
-        lam: `lambda` of paper 003 eq. 3, the weight of the cost (>= 0); its scale depends on the
-            cost's unit (paper 003: 5e-3..2e-2 with runtimes in ms).
-        cost: `"runtime"` (measured device runtime, paper 003), `"flops"` (MACs) or `"storage"`
-            (parameters).
-        runtime_model: JSON file written by `cli.py runtime-model` (cost `"runtime"` only). Without
-            one, a runtime model is measured on `runtime_device` when the fit starts (logged, and
-            written to `runtime_model.json` in the log dir for reuse).
+    Args (detailed in `LCOptions` and `RuntimeMeasurement`, which validate them):
+        lam: `lambda` of paper 003 eq. 3, the weight of the cost (>= 0; paper 003: 5e-3..2e-2, ms).
+        cost: `"runtime"` (measured device runtime, paper 003), `"flops"` (MACs) or `"storage"` (parameters).
+        runtime_model: JSON file of `cli.py runtime-model` (cost "runtime"); without one it is measured
+            on `runtime_device` when the fit starts and written to `runtime_model.json` in the log dir.
         mu_init: `a` of `mu_t = a * b^t` (> 0). Paper 003: 1e-5 (VGG16), 1e-4 (AlexNet).
         mu_growth: `b` (>= 1). Paper 003: 1.2.
         steps: T, the number of L/C steps (>= 1). Paper 003: 60 (VGG16), 30 (AlexNet).
         epochs_per_step: epochs of each L step (>= 1). Paper 003: 20 (VGG16), 5 (AlexNet).
         tolerance: stop the L/C steps early once `||W - Theta||` <= this (0: run all T steps).
-        restart_lr: start every L step and the fine-tuning with fresh optimizers and LR schedulers
-            (`configure_optimizers` again: initial lr, no momentum), as the LC toolbox's
-            `restart_on_l` does for paper 003's VGG16 setting (lr 7e-4 x0.99 per epoch of each L
-            step). Without it the LR schedule runs on across the whole fit.
-        augmented_lagrangian: use Lagrange multipliers (paper 003's practice) on top of the
-            quadratic penalty.
-        layers: glob patterns of the layers to compress. Default: every `nn.Linear` and
-            `nn.Conv2d` with `groups == 1`, as the authors' LC toolbox runs (`vgg16_all`); no
-            layer needs excluding by hand, since the C step keeps a layer dense wherever its
-            factorized form costs more (e.g. VGG16's first conv, over 3 input channels).
+        restart_lr: fresh optimizers and LR schedulers (initial lr, no momentum) at the start of every
+            L step and of the fine-tuning, as the LC toolbox's `restart_on_l`; else the schedule runs on.
+        augmented_lagrangian: Lagrange multipliers (paper 003's practice) on top of the quadratic penalty.
+        layers: glob patterns of the layers to compress (default: every `nn.Linear` and `nn.Conv2d`
+            with `groups == 1`; the C step keeps a layer dense where its factorized form costs more).
         ignored_layers: glob patterns of layers never compressed.
-        runtime_device: the device whose runtime is optimized: where a runtime model is measured,
-            and what a loaded one must have been measured on. Default: the Trainer's root device.
-        check_device: refuse a loaded runtime model measured on another device (type and hardware
-            name). Set False only to use one measured on the deployment target, not here.
-        threads: CPU threads of the runtime model (measured with, or required of a loaded one;
-            default: the current torch setting when measuring, any when loading).
-        batch_size: batch size of the runtime model (default: 1 when measuring, paper 003; any
-            when loading).
-        backend: `"torch"` or `"onnxruntime"` (default: `"torch"` when measuring; any when loading).
+        runtime_device: the device whose runtime is optimized (default: the Trainer's root device).
+        check_device: refuse a loaded runtime model measured on another device (False: e.g. one
+            measured on the deployment target).
+        threads, batch_size, backend: the runtime model's setting, measured with or required of a
+            loaded one (default: torch's threads, batch 1, "torch" when measuring; any when loading).
         grid_points: ranks measured per layer when measuring a runtime model (>= 2).
         measure_iters: timed calls per measurement when measuring a runtime model (>= 1).
         statistic: `"min"` (default: robust on a shared machine) or `"median"` latency per measurement.
@@ -225,18 +208,8 @@ class LCCallback(StructuralCompressionCallback):
         inputs = find_example_inputs(trainer, pl_module)
         if self.options.cost == "runtime":
             self.runtime_model = self._runtime_model(trainer, pl_module, target, inputs)
-        options = self.options
-        self.lc = LowRankLC(
-            target,
-            make_cost(options.cost, target, inputs, self.layer_names, self.runtime_model),
-            lam=options.lam,
-            mu_init=options.mu_init,
-            mu_growth=options.mu_growth,
-            steps=options.steps,
-            tolerance=options.tolerance,
-            augmented_lagrangian=options.augmented_lagrangian,
-            layers=self.layer_names,
-        )
+        cost = make_cost(self.options.cost, target, inputs, self.layer_names, self.runtime_model)
+        self.lc = self.options.algorithm(target, cost, self.layer_names)
         previous = self._restored_lc_state
         if previous is None and self.lc_state is not None:
             previous = self.lc_state.state_dict()  # another `fit` with this callback: carry on

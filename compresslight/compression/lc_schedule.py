@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresslight.compression.lc import FlopsCost, LCState, LCStepReport, RankCost, StorageCost
+from compresslight.compression.lc import FlopsCost, LCState, LCStepReport, LowRankLC, RankCost, StorageCost
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import BACKENDS, STATISTICS, RuntimeModel
 
@@ -68,7 +68,26 @@ def _check_number(name: str, value: Any, minimum: float, text: str, strict: bool
 
 @dataclasses.dataclass
 class LCOptions:
-    """What an LC run is asked to do, validated on construction (`LCCallback` documents each field).
+    """What an LC run is asked to do, validated on construction.
+
+    Attributes:
+        lam: `lambda` of paper 003 eq. 3, the weight of the cost (>= 0); its scale depends on the
+            cost's unit (paper 003: 5e-3..2e-2 with runtimes in ms).
+        cost: `"runtime"` (a device's measured `RuntimeModel`, ms, paper 003), `"flops"` (MMACs) or
+            `"storage"` (M params), the LC toolbox's proxies.
+        mu_init, mu_growth: `a` (> 0) and `b` (>= 1) of `mu_t = a * b^t`. Paper 003: a = 1e-5
+            (VGG16), 1e-4 (AlexNet); b = 1.2.
+        steps: T, the number of L/C steps (>= 1). Paper 003: 60 (VGG16), 30 (AlexNet).
+        epochs_per_step: epochs of each L step (>= 1). Paper 003: 20 (VGG16), 5 (AlexNet).
+        tolerance: stop the L/C steps early once `||W - Theta||` <= this (0: run all T steps).
+        augmented_lagrangian: use Lagrange multipliers (paper 003's practice) on top of the
+            quadratic penalty.
+        layers: glob patterns of the layers to compress. Default: every `nn.Linear` and
+            `nn.Conv2d` with `groups == 1`, as the authors' LC toolbox runs (`vgg16_all`); no
+            layer needs excluding by hand, since the C step keeps a layer dense wherever its
+            factorized form costs more (e.g. VGG16's first conv, over 3 input channels).
+        ignored_layers: glob patterns of layers never compressed.
+        runtime_model: a runtime model file (cost "runtime" only).
 
     Raises:
         ValueError: for a value out of range, an unknown cost, or a runtime model file with a cost
@@ -105,6 +124,20 @@ class LCOptions:
         self.layers = None if self.layers is None else list(self.layers)
         self.ignored_layers = list(self.ignored_layers)
 
+    def algorithm(self, model: nn.Module, cost: RankCost, layers: Sequence[str]) -> LowRankLC:
+        """The `LowRankLC` of these options over `layers` of `model`, priced by `cost`."""
+        return LowRankLC(
+            model,
+            cost,
+            lam=self.lam,
+            mu_init=self.mu_init,
+            mu_growth=self.mu_growth,
+            steps=self.steps,
+            tolerance=self.tolerance,
+            augmented_lagrangian=self.augmented_lagrangian,
+            layers=list(layers),
+        )
+
     @property
     def lc_epochs(self) -> int:
         """Epochs of the T L steps: the factorization happens at the start of this epoch at the latest."""
@@ -119,6 +152,16 @@ def c_step_due(options: LCOptions, state: LCState, epoch: int) -> bool:
 @dataclasses.dataclass
 class RuntimeMeasurement:
     """How a runtime model is measured when none is loaded, and what a loaded one must match.
+
+    Attributes:
+        threads: CPU threads (measured with, or required of a loaded model).
+        batch_size: batch size (paper 003: 1).
+        backend: `"torch"` or `"onnxruntime"`.
+        grid_points: ranks measured per layer (>= 2).
+        iters: timed calls per measurement (>= 1).
+        statistic: `"min"` (robust on a shared machine) or `"median"` latency per measurement.
+        check_device: refuse a loaded model measured on another device (type and hardware name);
+            False only to use one measured on the deployment target, not here.
 
     Fields left None take the measuring default (threads: torch's setting, batch 1, backend
     "torch") and accept any value in a loaded model.
