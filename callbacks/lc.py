@@ -126,11 +126,26 @@ class LCCallback(StructuralCompressionCallback):
     ) -> None:
         super().__init__(module_path=module_path)
         self.options = LCOptions(
-            lam, cost, mu_init, mu_growth, steps, epochs_per_step, tolerance, augmented_lagrangian,
-            None if layers is None else list(layers), list(ignored_layers), runtime_model,
-        )  # fmt: skip
+            lam=lam,
+            cost=cost,
+            mu_init=mu_init,
+            mu_growth=mu_growth,
+            steps=steps,
+            epochs_per_step=epochs_per_step,
+            tolerance=tolerance,
+            augmented_lagrangian=augmented_lagrangian,
+            runtime_model=runtime_model,
+            layers=None if layers is None else list(layers),
+            ignored_layers=list(ignored_layers),
+        )
         self.measurement = RuntimeMeasurement(
-            threads, batch_size, backend, grid_points, measure_iters, statistic, check_device
+            threads=threads,
+            batch_size=batch_size,
+            backend=backend,
+            grid_points=grid_points,
+            iters=measure_iters,
+            statistic=statistic,
+            check_device=check_device,
         )
         # Read now: a missing or malformed file fails when the config is parsed, not hours later.
         self.loaded_runtime_model = RuntimeModel.load(runtime_model) if runtime_model is not None else None

@@ -399,11 +399,13 @@ class LCReport:
                 f"{entry['seconds']:.2f} |"
             )
         lines.append("")
-        if self.factorized_at_epoch is None:
+        if self.factorized_at_epoch is None and not self.final_ranks:
             lines.append("Not factorized yet.")
             return "\n".join(lines) + "\n"
         how = "converged (tolerance reached)" if self.converged else "after all C steps"
-        lines += [f"Factorized at the start of epoch {self.factorized_at_epoch}, {how}.", ""]
+        # "?": restored from a checkpoint written before the report kept the epoch.
+        epoch = "?" if self.factorized_at_epoch is None else self.factorized_at_epoch
+        lines += [f"Factorized at the start of epoch {epoch}, {how}.", ""]
         lines += ["| layer | rank |", "|---|---:|"]
         lines += [f"| {name} | {rank} |" for name, rank in self.final_ranks.items()]
         lines += [f"| {name} | dense |" for name in self.kept_dense]
