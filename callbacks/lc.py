@@ -59,7 +59,9 @@ __all__ = ["COSTS", "LCCallback"]
 class LCCallback(StructuralCompressionCallback):
     """Learns per-layer ranks and low-rank weights with the LC algorithm, then factorizes and fine-tunes.
 
-    Args (detailed in `LCOptions` and `RuntimeMeasurement`, which validate them):
+    The arguments are detailed, and validated, by `LCOptions` and `RuntimeMeasurement`.
+
+    Args:
         lam: `lambda` of paper 003 eq. 3, the weight of the cost (>= 0; paper 003: 5e-3..2e-2, ms).
         cost: `"runtime"` (measured device runtime, paper 003), `"flops"` (MACs) or `"storage"` (parameters).
         runtime_model: JSON file of `cli.py runtime-model` (cost "runtime"); without one it is measured
@@ -78,8 +80,10 @@ class LCCallback(StructuralCompressionCallback):
         runtime_device: the device whose runtime is optimized (default: the Trainer's root device).
         check_device: refuse a loaded runtime model measured on another device (False: e.g. one
             measured on the deployment target).
-        threads, batch_size, backend: the runtime model's setting, measured with or required of a
-            loaded one (default: torch's threads, batch 1, "torch" when measuring; any when loading).
+        threads: CPU threads of the runtime model (measured with, or required of a loaded one;
+            default: torch's setting when measuring, any when loading).
+        batch_size: its batch size (default: 1 when measuring, paper 003; any when loading).
+        backend: `"torch"` or `"onnxruntime"` (default: `"torch"` when measuring; any when loading).
         grid_points: ranks measured per layer when measuring a runtime model (>= 2).
         measure_iters: timed calls per measurement when measuring a runtime model (>= 1).
         statistic: `"min"` (default: robust on a shared machine) or `"median"` latency per measurement.

@@ -75,8 +75,8 @@ class LCOptions:
             cost's unit (paper 003: 5e-3..2e-2 with runtimes in ms).
         cost: `"runtime"` (a device's measured `RuntimeModel`, ms, paper 003), `"flops"` (MMACs) or
             `"storage"` (M params), the LC toolbox's proxies.
-        mu_init, mu_growth: `a` (> 0) and `b` (>= 1) of `mu_t = a * b^t`. Paper 003: a = 1e-5
-            (VGG16), 1e-4 (AlexNet); b = 1.2.
+        mu_init: `a` of `mu_t = a * b^t` (> 0). Paper 003: 1e-5 (VGG16), 1e-4 (AlexNet).
+        mu_growth: `b` (>= 1). Paper 003: 1.2.
         steps: T, the number of L/C steps (>= 1). Paper 003: 60 (VGG16), 30 (AlexNet).
         epochs_per_step: epochs of each L step (>= 1). Paper 003: 20 (VGG16), 5 (AlexNet).
         tolerance: stop the L/C steps early once `||W - Theta||` <= this (0: run all T steps).
