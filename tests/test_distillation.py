@@ -140,9 +140,7 @@ def test_check_same_classes_refuses_another_head_and_keeps_the_students_mode() -
     check_same_classes(student, nn.Linear(4, 10), torch.randn(3, 4), "teacher.ckpt")
     assert student.training and all(module.training for module in student.modules())
     assert torch.equal(student[1].running_mean, running_mean)
-    with pytest.raises(
-        ValueError, match=r"\(teacher.ckpt\) predicts 5 classes but the student predicts 10"
-    ):
+    with pytest.raises(ValueError, match=r"\(teacher.ckpt\) predicts 5 classes but the student predicts 10"):
         check_same_classes(student, nn.Linear(4, 5), torch.randn(3, 4), "teacher.ckpt")
     assert student.training
 
