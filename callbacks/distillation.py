@@ -47,14 +47,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compresslight.callbacks.structural_edit import _EDIT_COUNT_ATTR, DivergenceGuard, find_example_inputs
+from compresslight.callbacks._trainer import find_example_inputs, target_module, target_path
+from compresslight.callbacks.divergence_guard import DivergenceGuard
+from compresslight.callbacks.structural_edit import _EDIT_COUNT_ATTR
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
 from compresslight.checkpoint import load_compressed_checkpoint, read_checkpoint
-from compresslight.compression.distillation import freeze_teacher, soft_target_loss
+from compresslight.compression.distillation import (
+    DistillationOptions,
+    StudentTap,
+    check_same_classes,
+    freeze_teacher,
+    mix_with_soft_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +103,26 @@ class DistillationCallback(DivergenceGuard):
                 f"`teacher_ckpt` must be an existing checkpoint file or {SELF_TEACHER!r}, got {teacher_ckpt!r} "
                 "(no such file)."
             )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0.0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+        self.options = DistillationOptions(alpha, temperature)
         self.teacher_ckpt = teacher_ckpt
-        self.alpha = float(alpha)
-        self.temperature = float(temperature)
         self.module_path = module_path
         #: Where the teacher came from (a path, or "copy of the student at setup").
         self.teacher_source: str | None = None
         self._teacher: nn.Module | None = None
-        self._tap = _StudentTap()
+        self._tap = StudentTap()
         self._tap_handle: RemovableHandle | None = None
         self._tapped: nn.Module | None = None
         self._wrapped_module: pl.LightningModule | None = None
+
+    @property
+    def alpha(self) -> float:
+        """Weight of the soft (teacher) term."""
+        return self.options.alpha
+
+    @property
+    def temperature(self) -> float:
+        """Softening temperature."""
+        return self.options.temperature
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -123,20 +136,10 @@ class DistillationCallback(DivergenceGuard):
 
     def target_path(self, pl_module: pl.LightningModule) -> str:
         """The resolved `module_path`."""
-        if self.module_path is not None:
-            return self.module_path
-        return "model" if isinstance(getattr(pl_module, "model", None), nn.Module) else ""
+        return target_path(pl_module, self.module_path)
 
     def _student(self, pl_module: pl.LightningModule) -> nn.Module:
-        path = self.target_path(pl_module)
-        try:
-            return pl_module.get_submodule(path)
-        except AttributeError:
-            children = [name for name, _ in pl_module.named_children()]
-            raise ValueError(
-                f"`module_path` must name a submodule of {type(pl_module).__name__} (children: {children}), "
-                f"got {path!r}."
-            ) from None
+        return target_module(pl_module, self.module_path)
 
     # --- teacher ---------------------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class DistillationCallback(DivergenceGuard):
         student = self._student(pl_module)
         teacher = self._load_teacher(pl_module, student)
         teacher = freeze_teacher(teacher.to(trainer.strategy.root_device))
-        self._check_classes(trainer, pl_module, student, teacher)
+        check_same_classes(student, teacher, find_example_inputs(trainer, pl_module), str(self.teacher_source))
         self._teacher = teacher
         log.info(
             "DistillationCallback: teacher %s (%d parameters), alpha %.3g, temperature %.3g.",
@@ -183,26 +186,6 @@ class DistillationCallback(DivergenceGuard):
             source = str(init_from)
         self.teacher_source = source
         return _load_module(source, type(pl_module)).get_submodule(path)
-
-    def _check_classes(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, student: nn.Module, teacher: nn.Module
-    ) -> None:
-        example = find_example_inputs(trainer, pl_module)
-        training = {module: module.training for module in student.modules()}
-        student.eval()  # no batch-norm statistics update from this probe
-        try:
-            with torch.no_grad():
-                student_out = student(example.to(_device_of(student)))
-                teacher_out = teacher(example.to(_device_of(teacher)))
-        finally:
-            for module, was_training in training.items():
-                module.training = was_training
-        if student_out.shape[-1] != teacher_out.shape[-1]:
-            raise ValueError(
-                f"The teacher ({self.teacher_source}) predicts {teacher_out.shape[-1]} classes "
-                f"but the student predicts {student_out.shape[-1]}: "
-                "distillation needs a teacher trained on the same classes (`teacher_ckpt`)."
-            )
 
     # --- the loss ----------------------------------------------------------------------------------
 
@@ -282,10 +265,7 @@ class DistillationCallback(DivergenceGuard):
         assert self._teacher is not None
         with torch.no_grad():
             teacher_logits = self._teacher(inputs)
-        # In float32: the softmax of T-scaled half-precision logits loses the small probabilities
-        # the soft targets are about.
-        soft = soft_target_loss(student_logits.float(), teacher_logits.float(), self.temperature)
-        total = (1.0 - self.alpha) * loss + self.alpha * soft
+        total, soft = mix_with_soft_targets(loss, student_logits, teacher_logits, self.options)
         pl_module.log("train/distill_soft_loss", soft.detach(), on_step=True, on_epoch=True)
         pl_module.log("train/distill_loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True)
         return {**output, "loss": total} if isinstance(output, Mapping) else total
@@ -294,32 +274,6 @@ class DistillationCallback(DivergenceGuard):
     def state_dict(self) -> dict[str, Any]:
         # Where the teacher came from, not its weights: the teacher is never part of a checkpoint.
         return {"teacher_source": self.teacher_source}
-
-
-class _StudentTap:
-    """Forward hook that keeps the input and output of the student's last forward while armed."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.inputs: Any = None
-        self.logits: Any = None
-
-    def arm(self) -> None:
-        self.armed, self.inputs, self.logits = True, None, None
-
-    def disarm(self) -> tuple[Any, Any]:
-        captured = (self.inputs, self.logits)
-        self.armed, self.inputs, self.logits = False, None, None
-        return captured
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self.armed:
-            self.inputs = args[0] if len(args) == 1 else args
-            self.logits = output
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _StudentTap:
-        # A deep copy of the student (profiling, quantization) gets an idle tap, not this one's tensors.
-        return _StudentTap()
 
 
 def _load_module(path: str, module_class: type[pl.LightningModule]) -> pl.LightningModule:
@@ -343,8 +297,3 @@ def _load_module(path: str, module_class: type[pl.LightningModule]) -> pl.Lightn
             f"{path!r}: {error}"
         ) from error
     return load_compressed_checkpoint(module, path)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")

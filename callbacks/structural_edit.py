@@ -11,7 +11,8 @@ Every callback that changes a model's structure (pruning, Tucker, LC) derives fr
 3. mid-fit, rebuilds the optimizers and LR schedulers through `rebuild_optimizers` (keeping the
    schedule's position and the momentum of surviving parameters) and re-wraps the model under DDP;
 4. logs params, MACs and per-layer channels before/after to every logger and to
-   `compression_log.jsonl` in the run's log dir, and tells `ProfileCallback`s about the edit.
+   `compression_log.jsonl` in the run's log dir, and tells listeners (`CompressionListener`,
+   `AfterCompressionListener`, e.g. `ProfileCallback`) about the edit.
 
 On resume (`fit(ckpt_path=...)`) the records in the checkpoint are replayed before the weights
 load, on any LightningModule (see `_RestoreGuard`).
@@ -25,8 +26,6 @@ by a NaN model.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -34,23 +33,37 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from compresslight.callbacks._trainer import (
+    OptimizerSnapshot,
+    append_jsonl,
+    find_example_inputs,
+    rebuild_optimizers,
+    resolve_log_dir,
+    run_on_rank_zero,
+    target_module,
+    target_path,
+)
+from compresslight.callbacks.divergence_guard import DivergenceGuard
 from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
 from compresslight.checkpoint import EDIT_INDEX_KEY, callback_records
 from compresslight.compression.record import CompressionRecord, as_record, replay
-from compresslight.divergence import (
-    TrainingDivergedError,
-    describe_nonfinite,
-    format_loss,
-    is_finite,
-    loss_value,
-    nonfinite_tensors,
-)
-from compresslight.lightning_compat import Callback, rank_zero_only
+from compresslight.lightning_compat import rank_zero_only
 from compresslight.profiling.counting import count_macs
 from compresslight.run_length import describe_limits, planned_epochs
+
+# Re-exported: the callbacks' one import for the base, its listeners and the Trainer helpers.
+__all__ = [
+    "AfterCompressionListener",
+    "CompressionListener",
+    "DivergenceGuard",
+    "OptimizerSnapshot",
+    "StructuralCompressionCallback",
+    "find_example_inputs",
+    "rebuild_optimizers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,81 +79,11 @@ class CompressionListener(Protocol):
     def before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None: ...
 
 
-class DivergenceGuard(Callback):
-    """Stops a fit whose loss or weights became non-finite, before it can save them.
+@runtime_checkable
+class AfterCompressionListener(Protocol):
+    """A callback told after every structural edit (`ProfileCallback` profiles the edited model)."""
 
-    Checks, by the first guard among the Trainer's callbacks only (one check, however many
-    compression callbacks): the training loss after every step (one device sync; under DDP the
-    ranks agree so that all stop together), the weights at the end of every training epoch and
-    before every compression step (`check_finite_weights`), and every checkpoint's `state_dict`
-    before it is written: a raise there happens before the file is touched, so `ModelCheckpoint`
-    keeps its previous file (it removes that only after a successful save).
-    """
-
-    def _is_first_guard(self, trainer: pl.Trainer) -> bool:
-        return next(callback for callback in trainer.callbacks if isinstance(callback, DivergenceGuard)) is self
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not self._is_first_guard(trainer):
-            return
-        loss = loss_value(outputs)
-        diverged = loss is not None and not is_finite(loss)
-        if trainer.world_size > 1:
-            # A NaN on one rank only would otherwise stop that rank and hang the others.
-            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
-        if diverged:
-            shown = format_loss(loss) if loss is not None and not is_finite(loss) else "non-finite on another rank"
-            raise TrainingDivergedError(
-                f"Training diverged: the training loss is {shown} at epoch {trainer.current_epoch}, batch "
-                f"{batch_idx} (global step {trainer.global_step}). {type(self).__name__} stopped the fit before "
-                f"any checkpoint could hold the diverged model; the last checkpoint written is intact. "
-                f"{_divergence_hint(trainer)}"
-            )
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._is_first_guard(trainer):
-            self.check_finite_weights(trainer, pl_module, f"at the end of epoch {trainer.current_epoch}")
-
-    @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        if not self._is_first_guard(trainer):
-            return
-        # Parameters only: a module may keep legitimately infinite buffers (masks, observers' initial ranges).
-        parameters = {name for name, _ in pl_module.named_parameters()}
-        state = checkpoint.get("state_dict", {})
-        bad = nonfinite_tensors((name, value) for name, value in state.items() if name in parameters)
-        if bad:
-            raise TrainingDivergedError(
-                f"Refusing to save a checkpoint whose weights are not finite ({describe_nonfinite(bad)}) at epoch "
-                f"{trainer.current_epoch}, global step {trainer.global_step}: it would replace the last good "
-                f"checkpoint, which is kept. Training diverged. {_divergence_hint(trainer)}"
-            )
-
-    def check_finite_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
-        """Raises `TrainingDivergedError` naming the parameters that are not finite.
-
-        Args:
-            when: where in the fit, for the message ("before PruningCallback's edit").
-        """
-        bad = nonfinite_tensors(pl_module.named_parameters())
-        if bad:
-            raise TrainingDivergedError(
-                f"Training diverged: the weights hold NaN or infinite values {when} (epoch {trainer.current_epoch}, "
-                f"global step {trainer.global_step}): {describe_nonfinite(bad)}. {type(self).__name__} stopped the "
-                f"fit; the last checkpoint written is intact. {_divergence_hint(trainer)}"
-            )
-
-
-def _divergence_hint(trainer: pl.Trainer) -> str:
-    lrs = sorted({group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups})
-    current = f" (current lr: {', '.join(f'{lr:.3g}' for lr in lrs)})" if lrs else ""
-    return f"Lower the learning rate{current}, or look for bad inputs in that epoch's data."
+    def on_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None: ...
 
 
 class StructuralCompressionCallback(DivergenceGuard):
@@ -155,6 +98,8 @@ class StructuralCompressionCallback(DivergenceGuard):
     def __init__(self, module_path: str | None = None) -> None:
         self.module_path = module_path
         self.records: list[dict[str, Any]] = []
+        #: The run's log dir, resolved in `setup` (every rank runs it; the lookup is a collective under DDP).
+        self.log_dir: Path | None = None
 
     @property
     @override
@@ -163,9 +108,7 @@ class StructuralCompressionCallback(DivergenceGuard):
 
     def target_path(self, pl_module: pl.LightningModule) -> str:
         """The resolved `module_path`."""
-        if self.module_path is not None:
-            return self.module_path
-        return "model" if isinstance(getattr(pl_module, "model", None), nn.Module) else ""
+        return target_path(pl_module, self.module_path)
 
     def target_module(self, pl_module: pl.LightningModule) -> nn.Module:
         """The submodule this callback compresses.
@@ -173,21 +116,14 @@ class StructuralCompressionCallback(DivergenceGuard):
         Raises:
             ValueError: if `module_path` names no submodule.
         """
-        path = self.target_path(pl_module)
-        try:
-            return pl_module.get_submodule(path)
-        except AttributeError:
-            children = [name for name, _ in pl_module.named_children()]
-            raise ValueError(
-                f"`module_path` must name a submodule of {type(pl_module).__name__} "
-                f"(children: {children}), got {path!r}."
-            ) from None
+        return target_module(pl_module, self.module_path)
 
     # --- resume ------------------------------------------------------------------------------
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.target_module(pl_module)  # fail early on a bad module_path
+        self.log_dir = resolve_log_dir(trainer)
         if stage == "fit":
             self.check_epochs_are_reached(trainer)  # `max_epochs`; `max_steps` once the loader is known
         _RestoreGuard.install(pl_module)
@@ -270,26 +206,14 @@ class StructuralCompressionCallback(DivergenceGuard):
             # restores a checkpoint: keep a copy of the module as it was.
             _RestoreGuard.install(pl_module).snapshot(path, target)
 
-        record_dict: dict[str, Any] | None = None
-        failure: str | None = None
-        if trainer.is_global_zero:
-            try:
-                record = edit(target)
-            except Exception as error:
-                if trainer.world_size == 1:
-                    raise
-                failure = f"{type(error).__name__}: {error}"
-            else:
-                record.target = path
-                record_dict = record.to_dict()
-        if trainer.world_size > 1:
-            # Rank 0 decides (measurement-driven choices may differ between processes); the
-            # others replay its record. A failure is broadcast too, so no rank waits forever.
-            record_dict, failure = trainer.strategy.broadcast((record_dict, failure), src=0)
-            if failure is not None:
-                raise RuntimeError(f"{type(self).__name__} failed on rank 0: {failure}")
-            if not trainer.is_global_zero:
-                replay(pl_module, [record_dict])
+        def run_edit() -> dict[str, Any]:
+            record = edit(target)
+            record.target = path
+            return record.to_dict()
+
+        record_dict = run_on_rank_zero(trainer, run_edit, f"{type(self).__name__}'s edit")
+        if not trainer.is_global_zero:
+            replay(pl_module, [record_dict])
         record = as_record(record_dict)
 
         edit_index = getattr(pl_module, _EDIT_COUNT_ATTR, 0)
@@ -302,14 +226,12 @@ class StructuralCompressionCallback(DivergenceGuard):
 
         after = _structure_summary(target, inputs)
         seconds = time.perf_counter() - started
-        # `trainer.log_dir` is a collective under DDP (it broadcasts rank 0's path): resolve it
-        # here, on every rank, never inside the rank-0-only `_log_edit`, where rank 0 would
-        # broadcast alone and pair with the next collective of the other ranks (DDP's buffer
-        # sync in the next forward), which hangs the run.
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        # The log dir is a collective under DDP: resolved on every rank, never inside the rank-0-only `_log_edit`,
+        # where rank 0 would broadcast alone and pair with the other ranks' next collective (a hang).
+        log_dir = self.log_dir if self.log_dir is not None else resolve_log_dir(trainer)
         self._log_edit(trainer, record, before, after, seconds, log_dir)
         for callback in trainer.callbacks:
-            if callback is not self and hasattr(callback, "on_compression"):
+            if callback is not self and isinstance(callback, AfterCompressionListener):
                 callback.on_compression(trainer, pl_module)
         return record
 
@@ -342,9 +264,7 @@ class StructuralCompressionCallback(DivergenceGuard):
             "before": before,
             "after": after,
         }
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_dir / "compression_log.jsonl", "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        append_jsonl(log_dir / "compression_log.jsonl", entry)
         log.info(
             "%s (%s): params %d -> %d, MACs %d -> %d, %.2f s.",
             type(self).__name__,
@@ -429,29 +349,6 @@ def _keeps_records(pl_module: pl.LightningModule) -> bool:
     return isinstance(getattr(pl_module, "compression_records", None), list)
 
 
-def find_example_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
-    """One input batch for tracing: `example_input_array`, the datamodule's `input_shape`, or a
-    float copy of the first training batch.
-
-    Raises:
-        ValueError: when none of those is available.
-    """
-    if isinstance(pl_module.example_input_array, torch.Tensor):
-        return pl_module.example_input_array.to(pl_module.device)
-    datamodule = getattr(trainer, "datamodule", None)
-    input_shape = getattr(datamodule, "input_shape", None)
-    if input_shape is not None:
-        return torch.zeros(1, *input_shape, device=pl_module.device)
-    if datamodule is not None:
-        batch = next(iter(datamodule.train_dataloader()))
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return images[:1].float().to(pl_module.device)
-    raise ValueError(
-        "Compression needs example inputs to trace the model: set `example_input_array` on the "
-        "LightningModule or use a datamodule with an `input_shape`."
-    )
-
-
 def _structure_summary(module: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
     channels = {
         name: (layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features)
@@ -465,97 +362,3 @@ def _structure_summary(module: nn.Module, example_inputs: torch.Tensor) -> dict[
     finally:
         module.train(was_training)
     return {"params": sum(p.numel() for p in module.parameters()), "macs": macs, "channels": channels}
-
-
-# --- the one optimizer-rebuild helper --------------------------------------------------------
-
-
-@dataclasses.dataclass
-class OptimizerSnapshot:
-    """Optimizer state by parameter *name* (parameter objects do not survive an edit), plus the
-    LR schedulers' states and each param group's current hyperparameters (lr, and the momentum /
-    betas that schedules such as OneCycleLR cycle too)."""
-
-    states: list[dict[str, dict[str, Any]]]
-    group_hyperparameters: list[list[dict[str, Any]]]
-    scheduler_states: list[dict[str, Any]]
-
-    @classmethod
-    def take(cls, trainer: pl.Trainer, pl_module: pl.LightningModule) -> OptimizerSnapshot:
-        names = {id(param): name for name, param in pl_module.named_parameters()}
-        states = []
-        for optimizer in trainer.optimizers:
-            states.append(
-                {
-                    names[id(param)]: dict(optimizer.state[param])
-                    for group in optimizer.param_groups
-                    for param in group["params"]
-                    if id(param) in names and param in optimizer.state
-                }
-            )
-        group_hyperparameters = [
-            [copy.deepcopy({key: value for key, value in group.items() if key != "params"}) for group in o.param_groups]
-            for o in trainer.optimizers
-        ]
-        scheduler_states = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
-        return cls(states=states, group_hyperparameters=group_hyperparameters, scheduler_states=scheduler_states)
-
-
-def rebuild_optimizers(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: OptimizerSnapshot, record: CompressionRecord
-) -> None:
-    """Gives the Trainer optimizers over the edited module's parameters.
-
-    Re-wraps the model under DDP, calls `configure_optimizers` again, carries each surviving
-    parameter's state (sliced with the record's kept indices where its shape shrank) and
-    restores the LR schedulers' position and the param groups' current hyperparameters. A stale optimizer would
-    keep stepping the removed tensors and silently never update the new ones.
-    """
-    strategy = trainer.strategy
-    if pl.is_ddp_strategy(strategy):
-        # DDP keeps its own view of the parameters (buckets, hooks): wrap the edited module anew.
-        # The new wrapper broadcasts rank 0's weights, so every rank starts the same.
-        strategy.model = pl_module
-        strategy.configure_ddp()
-    strategy.setup_optimizers(trainer)
-
-    prefix = f"{record.target}." if record.target else ""
-    index_map = {prefix + name: dims for name, dims in record.parameter_index_map().items()}
-    names = {id(param): name for name, param in pl_module.named_parameters()}
-    for optimizer, old_states in zip(trainer.optimizers, snapshot.states):
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                name = names.get(id(param))
-                if name in old_states:
-                    carried = _carry_state(old_states[name], param, index_map.get(name, {}))
-                    if carried:
-                        optimizer.state[param] = carried
-    for config, state in zip(trainer.lr_scheduler_configs, snapshot.scheduler_states):
-        config.scheduler.load_state_dict(state)
-    # A scheduler's state_dict does not carry what it set on the param groups: without this the
-    # next step would use the initial lr, and under OneCycleLR the initial momentum / Adam betas.
-    for optimizer, groups in zip(trainer.optimizers, snapshot.group_hyperparameters):
-        if len(groups) != len(optimizer.param_groups):
-            log.warning(
-                "configure_optimizers returned %d param groups after the edit, %d before: hyperparameters not "
-                "restored (the schedule restarts from its initial values).", len(optimizer.param_groups), len(groups),
-            )  # fmt: skip
-            continue
-        for group, hyperparameters in zip(optimizer.param_groups, groups):
-            group.update(hyperparameters)
-
-
-def _carry_state(old_state: dict[str, Any], param: torch.Tensor, kept: dict[int, list[int]]) -> dict[str, Any]:
-    """The old state of one parameter, sliced to its new shape; empty if it cannot be mapped."""
-    carried: dict[str, Any] = {}
-    for key, value in old_state.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            carried[key] = value
-            continue
-        for dim, indices in kept.items():
-            if value.shape != param.shape:
-                value = value.index_select(int(dim), torch.as_tensor(indices, device=value.device))
-        if value.shape != param.shape:
-            return {}
-        carried[key] = value
-    return carried

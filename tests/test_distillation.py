@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresslight.compression.distillation import distillation_loss, freeze_teacher
+from compresslight.compression.distillation import (
+    DistillationOptions,
+    StudentTap,
+    check_same_classes,
+    distillation_loss,
+    freeze_teacher,
+    mix_with_soft_targets,
+    soft_target_loss,
+)
 
 
 def logits(seed: int, batch: int = 6, classes: int = 10) -> torch.Tensor:
@@ -98,3 +108,55 @@ def test_freeze_teacher_is_eval_and_not_trainable() -> None:
     assert not out.requires_grad
     torch.testing.assert_close(teacher(x), out)  # dropout off
     assert torch.equal(teacher[1].running_mean, running_mean)  # BatchNorm statistics untouched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(alpha=True), r"`alpha` must be in \[0, 1\], got True"),
+        (dict(alpha="0.5"), r"`alpha` must be in \[0, 1\], got '0.5'"),
+        (dict(temperature=0), r"`temperature` must be > 0, got 0"),
+    ],
+)
+def test_options_are_validated_once(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        DistillationOptions(**kwargs)
+    assert DistillationOptions(alpha=1, temperature=2) == DistillationOptions(alpha=1.0, temperature=2.0)
+
+
+def test_mix_with_soft_targets_weights_the_model_loss_and_the_soft_term_in_float32() -> None:
+    student, teacher = logits(0).half(), logits(1).half()
+    own = torch.tensor(2.0)
+    total, soft = mix_with_soft_targets(own, student, teacher, DistillationOptions(alpha=0.25, temperature=3.0))
+    expected_soft = soft_target_loss(student.float(), teacher.float(), 3.0)
+    assert soft.dtype == torch.float32
+    torch.testing.assert_close(soft, expected_soft)
+    torch.testing.assert_close(total, 0.75 * own + 0.25 * expected_soft)
+
+
+def test_check_same_classes_refuses_another_head_and_keeps_the_students_mode() -> None:
+    student = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 10)).train()
+    running_mean = student[1].running_mean.clone()
+    check_same_classes(student, nn.Linear(4, 10), torch.randn(3, 4), "teacher.ckpt")
+    assert student.training and all(module.training for module in student.modules())
+    assert torch.equal(student[1].running_mean, running_mean)
+    with pytest.raises(ValueError, match=r"\(teacher.ckpt\) predicts 5 classes but the student predicts 10"):
+        check_same_classes(student, nn.Linear(4, 5), torch.randn(3, 4), "teacher.ckpt")
+    assert student.training
+
+
+def test_student_tap_captures_only_while_armed() -> None:
+    student, tap = nn.Linear(4, 3), StudentTap()
+    student.register_forward_hook(tap)
+    x = torch.randn(2, 4)
+    student(x)
+    assert tap.disarm() == (None, None)
+    tap.arm()
+    out = student(x)
+    inputs, captured = tap.disarm()
+    assert inputs is x and captured is out
+    student(x)
+    assert tap.inputs is None and tap.logits is None
+    tap.arm()
+    student(x)
+    assert copy.deepcopy(tap).inputs is None  # a copied student does not carry this tap's tensors

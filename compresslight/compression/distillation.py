@@ -18,10 +18,47 @@ student logits is `(p_student - p_teacher) / T`, as in the paper.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["distillation_loss", "freeze_teacher", "soft_target_loss"]
+__all__ = [
+    "DistillationOptions",
+    "StudentTap",
+    "check_same_classes",
+    "distillation_loss",
+    "freeze_teacher",
+    "mix_with_soft_targets",
+    "soft_target_loss",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillationOptions:
+    """The distillation loss's options, validated on construction.
+
+    Attributes:
+        alpha: weight of the soft (teacher) term, in [0, 1]; the hard term gets `1 - alpha`.
+        temperature: softening temperature T > 0.
+
+    Raises:
+        ValueError: for `alpha` outside [0, 1] or `temperature` <= 0.
+    """
+
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        alpha, temperature = self.alpha, self.temperature
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0.0:
+            raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+        object.__setattr__(self, "alpha", float(alpha))
+        object.__setattr__(self, "temperature", float(temperature))
 
 
 def distillation_loss(
@@ -48,11 +85,10 @@ def distillation_loss(
         ValueError: for `alpha` outside [0, 1], `temperature` <= 0, or student and teacher
             logits of different shapes (e.g. a teacher trained for another number of classes).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
-    soft = soft_target_loss(student_logits, teacher_logits, temperature)
+    options = DistillationOptions(alpha, temperature)
+    soft = soft_target_loss(student_logits, teacher_logits, options.temperature)
     hard = F.cross_entropy(student_logits, targets)
-    return alpha * soft + (1.0 - alpha) * hard
+    return options.alpha * soft + (1.0 - options.alpha) * hard
 
 
 def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -98,3 +134,81 @@ def freeze_teacher(model: nn.Module) -> nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def mix_with_soft_targets(
+    loss: Tensor, student_logits: Tensor, teacher_logits: Tensor, options: DistillationOptions
+) -> tuple[Tensor, Tensor]:
+    """`(1 - alpha) * loss + alpha * soft_target_loss(...)`, and the soft term, for a model's own `loss`.
+
+    The soft term is computed in float32: the softmax of T-scaled half-precision logits loses the
+    small probabilities the soft targets are about.
+
+    Returns:
+        `(total, soft)`.
+    """
+    soft = soft_target_loss(student_logits.float(), teacher_logits.float(), options.temperature)
+    return (1.0 - options.alpha) * loss + options.alpha * soft, soft
+
+
+def check_same_classes(student: nn.Module, teacher: nn.Module, example_inputs: Tensor, teacher_name: str) -> None:
+    """Refuses a teacher that predicts another number of classes than the student.
+
+    Both run once on `example_inputs` in eval mode (the student's train/eval flags are restored, no
+    batch-norm statistics move).
+
+    Raises:
+        ValueError: naming `teacher_name` and both numbers of classes.
+    """
+    training = {module: module.training for module in student.modules()}
+    student.eval()
+    try:
+        with torch.no_grad():
+            student_out = student(example_inputs.to(device_of(student)))
+            teacher_out = teacher(example_inputs.to(device_of(teacher)))
+    finally:
+        for module, was_training in training.items():
+            module.training = was_training
+    if student_out.shape[-1] != teacher_out.shape[-1]:
+        raise ValueError(
+            f"The teacher ({teacher_name}) predicts {teacher_out.shape[-1]} classes "
+            f"but the student predicts {student_out.shape[-1]}: "
+            "distillation needs a teacher trained on the same classes (`teacher_ckpt`)."
+        )
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of `module`'s first parameter (CPU for a module without parameters)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+class StudentTap:
+    """Forward hook that keeps the input and output of the student's last forward while armed.
+
+    The teacher then runs on the very input the student saw inside the model's own step, and the
+    student runs forward once.
+    """
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.inputs: Any = None
+        self.logits: Any = None
+
+    def arm(self) -> None:
+        self.armed, self.inputs, self.logits = True, None, None
+
+    def disarm(self) -> tuple[Any, Any]:
+        """Stops capturing; returns `(inputs, logits)` of the last forward while armed (None, None if none)."""
+        captured = (self.inputs, self.logits)
+        self.armed, self.inputs, self.logits = False, None, None
+        return captured
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.armed:
+            self.inputs = args[0] if len(args) == 1 else args
+            self.logits = output
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StudentTap:
+        # A deep copy of the student (profiling, quantization) gets an idle tap, not this one's tensors.
+        return StudentTap()
