@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from compresslight.callbacks.structural_edit import find_example_inputs
+from compresslight.callbacks._trainer import find_example_inputs, resolve_log_dir, run_on_rank_zero
 from torch import nn
 
 from compresslight import lightning_compat as pl
@@ -77,17 +76,20 @@ class LatencyBudget:
         inputs = find_example_inputs(trainer, pl_module)
         wanted = self.speedup**goal
         budget_s = self.table.network_dense_s / (wanted * self.correction)
-        allocation: Allocation | None = None
-        if trainer.is_global_zero:
-            allocation, budget_s = plan_step(target, inputs, self.table, self.options, budget_s, self.correction)
-        allocation = trainer.strategy.broadcast(allocation, src=0)  # every rank edits the same
+        table, options, correction = self.table, self.options, self.correction
+        allocation, budget_s = run_on_rank_zero(  # every rank edits the same
+            trainer,
+            lambda: plan_step(target, inputs, table, options, budget_s, correction),
+            "PruningCallback's latency-budget plan",
+        )
         self._apply(callback, trainer, pl_module, target, allocation, inputs)
         predicted_s = self.table.predict_model(target)
-        measured = None
-        if trainer.is_global_zero:
-            environment, shape = self.table.environment, self.table.input_shape
-            measured = measure_speedup(self.baseline, target, environment, shape, rounds=self.options.measure_rounds)
-        measured = trainer.strategy.broadcast(measured, src=0)
+        baseline, environment, shape = self.baseline, table.environment, table.input_shape
+        measured = run_on_rank_zero(
+            trainer,
+            lambda: measure_speedup(baseline, target, environment, shape, rounds=options.measure_rounds),
+            "PruningCallback's side-by-side measurement",
+        )
         predicted_speedup = self.table.network_dense_s / predicted_s
         error, self.correction = clipped_correction(predicted_speedup, measured.estimate)
         entry = step_entry(
@@ -155,7 +157,7 @@ class LatencyBudget:
         warns when the last measured speedup fell short of the target."""
         if not self.history or self.table is None:
             return
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: a collective under DDP
+        log_dir = resolve_log_dir(trainer)  # every rank: a collective under DDP
         if not trainer.is_global_zero:
             return
         final = self.history[-1]["measured_speedup"]
