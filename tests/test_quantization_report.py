@@ -1,9 +1,12 @@
 """The pure quantization report (`quantization_report`) on a bare module, without a Trainer."""
 
+import importlib
 import json
+import re
 
 import pytest
 import torch
+from helpers import REPO
 from test_quantization import batches, tiny_net
 
 from compresslight.compression import quantization, quantization_onnx
@@ -75,8 +78,10 @@ def test_markdown_of_a_report_read_back_from_its_numbers():
     assert "drop" not in markdown and "latency" not in markdown
 
 
-def test_the_readme_reload_path_of_the_onnx_runtime_model_still_imports():
-    assert quantization.OnnxRuntimeModel is quantization_onnx.OnnxRuntimeModel
-    assert quantization.export_int8_onnx is quantization_onnx.export_int8_onnx
+def test_the_readme_reload_path_of_the_onnx_runtime_model_imports():
+    readme = (REPO / "README.md").read_text()
+    documented = re.search(r"`(compresslight\.[\w.]+)\.OnnxRuntimeModel\(path\)`", readme)
+    assert documented is not None, "the README no longer says how to reload the ONNX files"
+    assert importlib.import_module(documented.group(1)).OnnxRuntimeModel is quantization_onnx.OnnxRuntimeModel
     with pytest.raises(AttributeError, match="has no attribute 'export_onnx'"):
         quantization.export_onnx  # noqa: B018  (one exporter: profiling.backends.export_onnx)

@@ -28,13 +28,14 @@ on resume (`c_step_due` counts the C steps due by an epoch; a resumed fit catche
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from compresslight.checks import check_int
+from compresslight.checks import select_layers as select_matching
 from compresslight.compression.lc import FlopsCost, LCState, LCStepReport, LowRankLC, RankCost, StorageCost
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import BACKENDS, STATISTICS, RuntimeModel
@@ -51,11 +52,6 @@ __all__ = [
 ]
 
 COSTS = ("runtime", "flops", "storage")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
 def _check_number(name: str, value: Any, minimum: float, text: str, strict: bool = False) -> float:
@@ -114,8 +110,8 @@ class LCOptions:
         self.mu_growth = _check_number(
             "mu_growth", self.mu_growth, 1.0, " (b of mu_t = a * b^t) must be >= 1 so mu grows"
         )
-        _check_int("steps", self.steps, 1)
-        _check_int("epochs_per_step", self.epochs_per_step, 1)
+        check_int("steps", self.steps, 1)
+        check_int("epochs_per_step", self.epochs_per_step, 1)
         self.tolerance = _check_number("tolerance", self.tolerance, 0.0, " must be >= 0")
         if self.runtime_model is not None and self.cost != "runtime":
             raise ValueError(
@@ -179,11 +175,11 @@ class RuntimeMeasurement:
     check_device: bool = True
 
     def __post_init__(self) -> None:
-        _check_int("measure_iters", self.iters, 1)
-        _check_int("grid_points", self.grid_points, 2)
+        check_int("measure_iters", self.iters, 1)
+        check_int("grid_points", self.grid_points, 2)
         for name, value in (("threads", self.threads), ("batch_size", self.batch_size)):
             if value is not None:
-                _check_int(name, value, 1)
+                check_int(name, value, 1)
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {list(BACKENDS)} or None, got {self.backend!r}.")
         if self.statistic not in STATISTICS:
@@ -251,22 +247,13 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None, ignored_layers
     available = list(compressible_layers(model))
     if not available:
         raise ValueError(f"{type(model).__name__} has no compressible layer (nn.Linear or nn.Conv2d with groups=1).")
-    for argument, patterns in (("layers", layers or []), ("ignored_layers", ignored_layers)):
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in available):
-                raise ValueError(
-                    f"`{argument}` pattern {pattern!r} matches no compressible layer; compressible layers: {available}."
-                )
-    names = [
-        name for name in available if (layers is None or _matches(name, layers)) and not _matches(name, ignored_layers)
-    ]
+    kind = "compressible layer"
+    chosen = available if layers is None else select_matching("layers", layers, available, kind)
+    ignored = set(select_matching("ignored_layers", ignored_layers, available, kind))
+    names = [name for name in chosen if name not in ignored]
     if not names:
         raise ValueError(f"`layers` {layers} minus `ignored_layers` {ignored_layers} leaves no layer to compress.")
     return names
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def make_cost(

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from compresslight.checks import check_int
 from compresslight.compression.quantization import (
     MAX_BITS,
     MIN_BITS,
@@ -83,11 +84,6 @@ __all__ = [
     "measure_cpu_latency",
     "quantization_report",
 ]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,18 +121,18 @@ class QuantizationReportOptions:
         bits = self.bits
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"`bits` must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}.")
-        _check_int("calibration_batches", self.calibration_batches, 1)
+        check_int("calibration_batches", self.calibration_batches, 1)
         if self.eval_batches is not None:
-            _check_int("eval_batches", self.eval_batches, 1)
+            check_int("eval_batches", self.eval_batches, 1)
         sizes = self.latency_batch_sizes
         sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
         object.__setattr__(self, "latency_batch_sizes", sizes)  # frozen: a list given by a config becomes a tuple
         for size in sizes:
-            _check_int("latency_batch_sizes", size, 1)
-        _check_int("latency_warmup", self.latency_warmup, 0)
-        _check_int("latency_iters", self.latency_iters, 1)
+            check_int("latency_batch_sizes", size, 1)
+        check_int("latency_warmup", self.latency_warmup, 0)
+        check_int("latency_iters", self.latency_iters, 1)
         if self.threads is not None:
-            _check_int("threads", self.threads, 1)
+            check_int("threads", self.threads, 1)
 
 
 @dataclasses.dataclass
