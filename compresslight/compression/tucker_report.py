@@ -202,16 +202,18 @@ def _layer_table(layers: list[dict[str, Any]]) -> list[str]:
         ]
         measured = {(row["mode"], row["batch_size"], row["threads"]): row for row in layer["latency"]}
         for setting in settings:
-            row = measured.get(setting)
-            cells.append(
-                "-"
-                if row is None
-                else f"{row['original']['median_s'] * 1e3:.3f} -> {row['factorized']['median_s'] * 1e3:.3f} "
-                f"({_speedup(row)})"
-            )
+            cells.append(_latency_cell(measured.get(setting), digits=3))
         cells += [layer["decision"] or "-", layer["reason"] or ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _latency_cell(row: dict[str, Any] | None, digits: int) -> str:
+    """`original -> factorized` median ms and the speedup of one setting, or "-" when it was not measured."""
+    if row is None:
+        return "-"
+    before, after = row["original"]["median_s"] * 1e3, row["factorized"]["median_s"] * 1e3
+    return f"{before:.{digits}f} -> {after:.{digits}f} ({_speedup(row)})"
 
 
 def _whole_model_table(checks: list[dict[str, Any]]) -> list[str]:
@@ -223,12 +225,7 @@ def _whole_model_table(checks: list[dict[str, Any]]) -> list[str]:
         measured = {(r["mode"], r["batch_size"], r["threads"]): r for r in check["rows"]}
         cells = [str(number)]
         for setting in settings:
-            r = measured.get(setting)
-            cells.append(
-                "-"
-                if r is None
-                else f"{r['original']['median_s'] * 1e3:.2f} -> {r['factorized']['median_s'] * 1e3:.2f} ({_speedup(r)})"
-            )
+            cells.append(_latency_cell(measured.get(setting), digits=2))
         if check["reverted"] is not None:
             cells.append(f"revert {check['reverted']}")
         else:
