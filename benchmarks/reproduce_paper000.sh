@@ -4,23 +4,29 @@
 # with VBMF ranks (plain and runtime-aware), each fine-tuned for the same number of epochs by
 # `cli.py fit` with paper 000's configs (arch and normalisation switched to the published weights'),
 # then each measured side by side against the baseline by `cli.py profile --baseline` (torch and
-# ONNX Runtime, batch 1 and 128, 1 and 2 threads). Prints the Markdown table at the end.
+# ONNX Runtime, batch 1 and 128, at the thread counts in $THREADS, default "1 2"). The configs'
+# own ProfileCallback is switched off: it would time the model at fit start and end (two-time),
+# which the side-by-side `profile --baseline` replaces. Prints the Markdown table at the end.
 #   bash benchmarks/reproduce_paper000.sh BASELINE.ckpt [EPOCHS=1] [OUT=runs/paper000]
+#   THREADS=1 bash benchmarks/reproduce_paper000.sh ...   # when another job holds the other core
 set -euo pipefail
 cd "$(dirname "$0")/.."
 baseline=${1:?usage: bash benchmarks/reproduce_paper000.sh BASELINE.ckpt [EPOCHS] [OUT]}
 epochs=${2:-1}
 out=${3:-runs/paper000}
-methods=(prune12 prune25 tucker_vbmf tucker_vbmf_runtime)
+threads=(${THREADS:-1 2})
+methods=(${METHODS:-prune12 prune25 tucker_vbmf tucker_vbmf_runtime})
 # The baseline's top-1 and macro F1 on the same validation images.
 python cli.py test --config configs/resnet20_pretrained.yaml --ckpt_path "$baseline" \
   --trainer.logger.init_args.save_dir "$out"
 for method in "${methods[@]}"; do
   python cli.py fit --config "configs/resnet20_$method.yaml" \
     --model.arch resnet20_a --model.init_from "$baseline" --data.init_args.normalization imagenet \
-    --trainer.max_epochs "$epochs" --trainer.logger.init_args.save_dir "$out"
+    --trainer.max_epochs "$epochs" --trainer.logger.init_args.save_dir "$out" \
+    "--trainer.callbacks[ProfileCallback].init_args.on_fit_start=false" \
+    "--trainer.callbacks[ProfileCallback].init_args.on_fit_end=false"
   run=$(ls -d "$out/resnet20_$method"/version_* | sort -V | tail -1)
   python cli.py profile --config configs/resnet20_pretrained.yaml --ckpt_path "$run/checkpoints/last.ckpt" \
-    --baseline "$baseline" --backends torch onnxruntime --threads 1 2 --output_dir "$run/profile_vs_baseline"
+    --baseline "$baseline" --backends torch onnxruntime --threads "${threads[@]}" --output_dir "$run/profile_vs_baseline"
 done
 python benchmarks/paper000_table.py "$out" "${methods[@]}"
