@@ -54,14 +54,8 @@ from compresslight.datamodules import CIFAR10DataModule
 from pytorch_lightning.loggers import CSVLogger
 
 from compresslight.classifier import ImageClassifier
-from compresslight.compression.lc import (
-    FlopsCost,
-    LayerCosts,
-    RankCost,
-    StorageCost,
-    choose_rank,
-    squared_singular_values,
-)
+from compresslight.compression.lc import FlopsCost, RankCost, StorageCost
+from compresslight.compression.lc_schedule import calibrate_lam
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import RuntimeModel
 from compresslight.profiling import num_threads
@@ -115,52 +109,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.target <= 1:
         parser.error(f"--target must be in (0, 1], got {args.target}")
     return args
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def predicted_latency_s(runtime_model: RuntimeModel, choices: dict[str, tuple[int, bool]]) -> float:
-    """`R(r)`: the modelled layers' latency for (rank, dense) per layer (rank 0 runs as rank 1)."""
-    ranks = {name: None if dense else max(rank, 1) for name, (rank, dense) in choices.items()}
-    return runtime_model.predict(ranks)
-
-
-def choices_at(
-    spectra: dict[str, Any], costs: dict[str, LayerCosts], lam: float, mu: float
-) -> dict[str, tuple[int, bool]]:
-    """(rank, dense) of every layer chosen by the C step at (`lam`, `mu`) on these spectra."""
-    chosen = {}
-    for name, squared in spectra.items():
-        choice = choose_rank(squared, costs[name], mu=mu, lam=lam)
-        chosen[name] = (choice.rank, choice.dense)
-    return chosen
-
-
-def calibrate_lam(
-    spectra: dict[str, Any], cost: RankCost, runtime_model: RuntimeModel, mu: float, target_s: float
-) -> tuple[float, float]:
-    """The smallest `lam` (log-bisection) whose C step at `mu` predicts at most `target_s`.
-
-    Returns:
-        (lam, predicted seconds at that lam).
-    """
-    costs = {name: cost.layer_costs(name) for name in spectra}
-
-    def latency(lam: float) -> float:
-        return predicted_latency_s(runtime_model, choices_at(spectra, costs, lam, mu))
-
-    low, high = -12.0, 6.0  # log10 lam
-    if latency(10**high) > target_s:
-        log.warning("Even lam=1e%d cannot reach %.2f ms; using it.", high, target_s * 1e3)
-        return 10**high, latency(10**high)
-    for _ in range(50):
-        middle = (low + high) / 2
-        if latency(10**middle) <= target_s:
-            high = middle
-        else:
-            low = middle
-    return 10**high, latency(10**high)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -301,18 +249,18 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. Each cost's lam, aimed at the same predicted latency.
     names = list(compressible_layers(network))
-    spectra = {name: squared_singular_values(network.get_submodule(name).weight) for name in names}
     mu_calibrated = args.mu_init * (args.mu_growth ** (args.steps - 1) if args.calibrate_at == "last" else 1.0)
-    target_s = args.target * runtime_model.predict({})  # R(r) of the dense layers
+    target_s = args.target * runtime_model.predict({})  # of R(r) of the dense layers
     cost_models: dict[str, RankCost] = {
         "runtime": runtime_model, "flops": FlopsCost(network, example), "storage": StorageCost(network)
     }  # fmt: skip
     lams = {}
     for cost in args.costs:
-        lams[cost], predicted = calibrate_lam(spectra, cost_models[cost], runtime_model, mu_calibrated, target_s)
+        found = calibrate_lam(network, names, cost_models[cost], runtime_model, mu_calibrated, args.target)
+        lams[cost] = found.lam
         log.info(
             "%s: lam=%.3g predicts %.2f ms at mu=%.3g (target %.2f ms)",
-            cost, lams[cost], predicted * 1e3, mu_calibrated, target_s * 1e3,
+            cost, found.lam, found.predicted_s * 1e3, mu_calibrated, target_s * 1e3,
         )  # fmt: skip
 
     # 3-4. Measure the baseline, then each LC run.

@@ -35,13 +35,14 @@ from torch import nn
 from typing_extensions import override
 
 from compresslight import lightning_compat as pl
-from compresslight.compression.lc import LCState, LCStepReport, LowRankLC
+from compresslight.compression.lc import LCState, LCStepReport, LowRankLC, RankCost
 from compresslight.compression.lc_schedule import (
     COSTS,
     LCOptions,
     LCReport,
     RuntimeMeasurement,
     c_step_due,
+    calibrate_lam,
     cpu_state_dict,
     make_cost,
     select_layers,
@@ -63,6 +64,7 @@ class LCCallback(StructuralCompressionCallback):
 
     Args:
         lam: `lambda` of paper 003 eq. 3, the weight of the cost (>= 0; paper 003: 5e-3..2e-2, ms).
+            Give it or `latency_target`.
         cost: `"runtime"` (measured device runtime, paper 003), `"flops"` (MACs) or `"storage"` (parameters).
         runtime_model: JSON file of `cli.py runtime-model` (cost "runtime"); without one it is measured
             on `runtime_device` when the fit starts and written to `runtime_model.json` in the log dir.
@@ -88,13 +90,18 @@ class LCCallback(StructuralCompressionCallback):
         measure_iters: timed calls per measurement when measuring a runtime model (>= 1).
         statistic: `"min"` (default: robust on a shared machine) or `"median"` latency per measurement.
         module_path: the submodule to compress (see `StructuralCompressionCallback`).
+        latency_target: instead of `lam`: the fraction (0, 1] of the dense layers' predicted latency
+            that the first C step aims at. `lam` is calibrated to it when LC starts (`calibrate_lam`;
+            logged as `lc/lam`, kept in checkpoints) with a runtime model whatever the cost, so runs
+            with the runtime and the FLOPs cost aim at one latency (paper 003 compares them there).
 
     Attributes:
         options: the validated `LCOptions`; measurement: the `RuntimeMeasurement`.
         lc, lc_state: the algorithm (`LowRankLC`) and its state, built when training starts; None once factorized.
         compressed: whether the network has been factorized.
         report: the `LCReport` (C steps, final ranks); `history` and `final_ranks` are its entries.
-        runtime_model: the `RuntimeModel` pricing the ranks (cost "runtime").
+        runtime_model: the `RuntimeModel` pricing the ranks (cost "runtime") or calibrating `lam`.
+        lam: the `lam` in use: the given one, or the one calibrated to `latency_target`.
         measured_runtime_model: the runtime model measured by this callback, as plain data (kept
             in checkpoints so a resumed fit prices ranks as before); None if loaded from a file.
 
@@ -106,7 +113,7 @@ class LCCallback(StructuralCompressionCallback):
 
     def __init__(
         self,
-        lam: float,
+        lam: float | None = None,
         cost: Literal["runtime", "flops", "storage"] = "runtime",
         runtime_model: str | None = None,
         mu_init: float = 1e-5,
@@ -127,6 +134,7 @@ class LCCallback(StructuralCompressionCallback):
         measure_iters: int = 50,
         statistic: Literal["min", "median"] = "min",
         module_path: str | None = None,
+        latency_target: float | None = None,
     ) -> None:
         super().__init__(module_path=module_path)
         self.options = LCOptions(
@@ -141,6 +149,7 @@ class LCCallback(StructuralCompressionCallback):
             runtime_model=runtime_model,
             layers=None if layers is None else list(layers),
             ignored_layers=list(ignored_layers),
+            latency_target=latency_target,
         )
         self.measurement = RuntimeMeasurement(
             threads=threads,
@@ -162,13 +171,17 @@ class LCCallback(StructuralCompressionCallback):
         self.compressed = False
         self.report = LCReport()
         self.runtime_model: RuntimeModel | None = None  # the one in use (loaded, measured or restored)
+        self.lam: float | None = self.options.lam  # calibrated in `on_train_start` for a latency_target
         self.measured_runtime_model: dict[str, Any] | None = None  # measured here, kept in checkpoints
         self._restored_lc_state: dict[str, Any] | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(module_path=self.module_path, cost=self.options.cost, lam=self.options.lam)
+        key = {"module_path": self.module_path, "cost": self.options.cost, "lam": self.options.lam}
+        if self.options.latency_target is not None:  # absent otherwise: earlier checkpoints keep their key
+            key["latency_target"] = self.options.latency_target
+        return self._generate_state_key(**key)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -225,10 +238,12 @@ class LCCallback(StructuralCompressionCallback):
             return
         target = self.target_module(pl_module)
         inputs = find_example_inputs(trainer, pl_module)
-        if self.options.cost == "runtime":
+        if self.options.needs_runtime_model:
             self.runtime_model = self._runtime_model(trainer, pl_module, target, inputs)
         cost = make_cost(self.options.cost, target, inputs, self.layer_names, self.runtime_model)
-        self.lc = self.options.algorithm(target, cost, self.layer_names)
+        if self.lam is None:  # a latency_target, not yet calibrated (a resumed fit restores its lam)
+            self.lam = self._calibrate_lam(trainer, target, cost)
+        self.lc = self.options.algorithm(target, cost, self.layer_names, lam=self.lam)
         previous = self._restored_lc_state
         if previous is None and self.lc_state is not None:
             previous = self.lc_state.state_dict()  # another `fit` with this callback: carry on
@@ -237,6 +252,28 @@ class LCCallback(StructuralCompressionCallback):
             self.lc_state.load_state_dict(previous)
             self._restored_lc_state = None
             log.info("LCCallback: resumed at C step %d (mu=%.3g).", self.lc_state.step, self.lc_state.mu)
+
+    def _calibrate_lam(self, trainer: pl.Trainer, target: nn.Module, cost: RankCost) -> float:
+        """`lam` for the latency target, on rank 0 and broadcast (every rank must penalize alike)."""
+        assert self.runtime_model is not None and self.options.latency_target is not None
+
+        def calibrate() -> dict[str, float]:
+            mu = self.options.mu_init  # the first C step's mu
+            found = calibrate_lam(target, self.layer_names, cost, self.runtime_model, mu, self.options.latency_target)
+            return found.to_dict()
+
+        found = run_on_rank_zero(trainer, calibrate, "LCCallback's lam calibration")
+        if trainer.is_global_zero:
+            log.info(
+                "LCCallback: lam=%.4g aims the first C step at %.2f ms, %.0f%% of the dense layers' %.2f ms "
+                "(latency_target %.2f).",
+                found["lam"], found["predicted_s"] * 1e3, 100 * found["predicted_s"] / found["dense_s"],
+                found["dense_s"] * 1e3, found["target"],
+            )  # fmt: skip
+            for logger in trainer.loggers:
+                logger.log_metrics({"lc/lam": found["lam"]}, step=trainer.global_step)
+            append_jsonl(self._log_path(LOG_FILE), {"event": "lam_calibration", **found})
+        return float(found["lam"])
 
     def _runtime_model(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, inputs: torch.Tensor
@@ -378,6 +415,7 @@ class LCCallback(StructuralCompressionCallback):
             "final_ranks": report.pop("final_ranks"),
             "report": report,
             "measured_runtime_model": self.measured_runtime_model,
+            "lam": self.lam,
         }
 
     @override
@@ -392,6 +430,8 @@ class LCCallback(StructuralCompressionCallback):
             }
         )
         self.measured_runtime_model = state_dict.get("measured_runtime_model")
+        # A calibrated lam is the checkpoint's; a given one is the options' (as before `latency_target`).
+        self.lam = self.options.lam if self.options.lam is not None else state_dict.get("lam")
         # Applied in `on_train_start`, once the algorithm is rebuilt for this process's module.
         self._restored_lc_state = state_dict.get("lc_state")
         if self.compressed:

@@ -17,6 +17,7 @@ from torch import nn
 
 from compresslight.classifier import ImageClassifier
 from compresslight.compression.lc import FlopsCost, LowRankLC, c_step_layer, choose_rank, squared_singular_values
+from compresslight.compression.lc_schedule import calibrate_lam
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import RuntimeModel
 from compresslight.registry import create_model
@@ -204,6 +205,68 @@ def test_runtime_model_measured_on_the_fly_saved_and_reused(tmp_path):
     assert reused.history[0]["cost_unit"] == "ms"
 
 
+def test_calibrate_lam_finds_the_smallest_lam_that_reaches_the_latency_target(runtime_model_file):
+    model = create_model("resnet20", num_classes=4)
+    runtime_model = RuntimeModel.load(runtime_model_file)
+    layers = list(compressible_layers(model))
+    # A target between what lam = 0 and a huge lam give (these tiny layers' measured times differ
+    # run to run: a full-rank factorization can be faster than the dense layer, rank 1 not 10x).
+    dense = runtime_model.predict({})
+    at_zero, at_huge = (
+        calibrate_lam_prediction(model, layers, runtime_model, runtime_model, mu=1e-2, lam=lam) for lam in (0, 1e6)
+    )
+    assert at_huge < at_zero
+    target = (at_zero + at_huge) / 2 / dense
+    found = calibrate_lam(model, layers, runtime_model, runtime_model, mu=1e-2, target=target)
+    assert found.dense_s == pytest.approx(dense)
+    assert found.predicted_s <= target * dense and found.lam > 0
+    # The smallest such lam: a hair less reaches the target no more.
+    below = calibrate_lam_prediction(model, layers, runtime_model, runtime_model, mu=1e-2, lam=found.lam * (1 - 1e-6))
+    assert below > target * dense
+    with pytest.raises(ValueError, match=r"`target` must be a fraction in \(0, 1\], got 0"):
+        calibrate_lam(model, layers, runtime_model, runtime_model, mu=1e-2, target=0)
+
+
+def calibrate_lam_prediction(model, layers, prices, runtime_model, *, mu, lam) -> float:
+    """The runtime model's time of the ranks one C step at (mu, lam) chooses, by `choose_rank` directly."""
+    ranks = {}
+    for name in layers:
+        choice = choose_rank(
+            squared_singular_values(model.get_submodule(name).weight), prices.layer_costs(name), mu=mu, lam=lam
+        )
+        ranks[name] = None if choice.dense else max(choice.rank, 1)
+    return runtime_model.predict(ranks)
+
+
+def test_latency_target_calibrates_lam_for_the_flops_cost_and_a_resumed_fit_keeps_it(runtime_model_file, tmp_path):
+    lc = LCCallback(
+        latency_target=0.7, cost="flops", runtime_model=str(runtime_model_file), threads=1,
+        steps=2, mu_init=1e-2, mu_growth=2.0, epochs_per_step=1,
+    )  # fmt: skip
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1)
+    trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[lc, checkpoints], logger=logger)
+    trainer.fit(classifier(), *tiny_loaders())
+    entries = [json.loads(line) for line in (Path(logger.log_dir) / "lc_log.jsonl").read_text().splitlines()]
+    assert [e.get("event") for e in entries] == ["lam_calibration", "c_step", "c_step", "factorize"]
+    calibration = entries[0]
+    assert calibration["lam"] == lc.lam and calibration["mu"] == 1e-2 and calibration["target"] == 0.7
+    # Aimed at 70% of the dense time (or as close as the largest lam gets, for FLOPs on these tiny layers).
+    assert calibration["predicted_s"] <= 0.7 * calibration["dense_s"] or calibration["lam"] == 1e6
+    assert entries[1]["cost_unit"] != "ms"  # the ranks were priced by FLOPs; the runtime model only aimed lam
+    assert any(row.get("lc/lam") for row in read_metrics(logger.log_dir))
+    # Resumed after the first epoch (other weights now), the fit keeps the calibrated lam.
+    resumed = LCCallback(
+        latency_target=0.7, cost="flops", runtime_model=str(runtime_model_file), threads=1,
+        steps=2, mu_init=1e-2, mu_growth=2.0, epochs_per_step=1,
+    )  # fmt: skip
+    trainer = tiny_trainer(tmp_path / "resume", max_epochs=3, callbacks=[resumed])
+    trainer.fit(classifier(), *tiny_loaders(), ckpt_path=next((tmp_path / "checkpoints").glob("epoch=0-*.ckpt")))
+    assert resumed.lam == lc.lam
+    events = [json.loads(line).get("event") for line in (tmp_path / "resume" / "lc_log.jsonl").read_text().splitlines()]
+    assert "lam_calibration" not in events
+
+
 @pytest.fixture(scope="module")
 def runtime_model_file(tmp_path_factory) -> Path:
     model = create_model("resnet20", num_classes=4)
@@ -270,7 +333,15 @@ def test_runtime_model_of_another_architecture_is_refused(runtime_model_file, tm
         (dict(lam=1.0, threads=0), ValueError, r"`threads` must be an int >= 1, got 0"),
         (dict(lam=1.0, backend="tvm"), ValueError, r"`backend` must be one of \['torch', 'onnxruntime'\] or None"),
         (dict(lam=1.0, statistic="mean"), ValueError, r"`statistic` must be one of \['median', 'min'\]"),
-        (dict(lam=1.0, cost="flops", runtime_model="rm.json"), ValueError, r"needs `cost`='runtime', got cost='flops'"),
+        (
+            dict(lam=1.0, cost="flops", runtime_model="rm.json"),
+            ValueError,
+            r"needs `cost`='runtime' \(or a `latency_target`\), got cost='flops'",
+        ),
+        (dict(), ValueError, r"Give `lam` .* or `latency_target` .*exactly one; got lam=None, latency_target=None"),
+        (dict(lam=1.0, latency_target=0.5), ValueError, r"exactly one; got lam=1.0, latency_target=0.5"),
+        (dict(latency_target=0.0), ValueError, r"`latency_target` must be a fraction in \(0, 1\], got 0.0"),
+        (dict(latency_target=1.5), ValueError, r"`latency_target` must be a fraction in \(0, 1\], got 1.5"),
         (dict(lam=1.0, runtime_model="missing.json"), FileNotFoundError, r"'missing.json' does not exist"),
     ],
 )

@@ -21,6 +21,8 @@ on resume (`c_step_due` counts the C steps due by an epoch; a resumed fit catche
 - `LCOptions`: the algorithm's validated options (what `LCCallback` takes and checks once);
 - `RuntimeMeasurement`: how a runtime model is measured (or which loaded one is accepted);
 - `select_layers`, `make_cost`: the layers and the rank cost of a run;
+- `calibrate_lam`: the `lam` whose first C step aims at a fraction of the dense layers' predicted
+  latency, so runs priced by different costs aim at one latency;
 - `LCReport`: the C steps and the factorization of a run, with `to_dict()` / `to_markdown()` and
   the `lc/...` logger metrics of each step.
 """
@@ -36,16 +38,27 @@ from torch import nn
 
 from compresslight.checks import check_int
 from compresslight.checks import select_layers as select_matching
-from compresslight.compression.lc import FlopsCost, LCState, LCStepReport, LowRankLC, RankCost, StorageCost
+from compresslight.compression.lc import (
+    FlopsCost,
+    LCState,
+    LCStepReport,
+    LowRankLC,
+    RankCost,
+    StorageCost,
+    choose_rank,
+    squared_singular_values,
+)
 from compresslight.compression.lowrank import compressible_layers
 from compresslight.compression.runtime_model import BACKENDS, STATISTICS, RuntimeModel
 
 __all__ = [
     "COSTS",
     "LCOptions",
+    "LamCalibration",
     "LCReport",
     "RuntimeMeasurement",
     "c_step_due",
+    "calibrate_lam",
     "cpu_state_dict",
     "make_cost",
     "select_layers",
@@ -68,7 +81,11 @@ class LCOptions:
 
     Attributes:
         lam: `lambda` of paper 003 eq. 3, the weight of the cost (>= 0); its scale depends on the
-            cost's unit (paper 003: 5e-3..2e-2 with runtimes in ms).
+            cost's unit (paper 003: 5e-3..2e-2 with runtimes in ms). None: set by `latency_target`.
+        latency_target: instead of `lam`, aim the first C step at this fraction (0, 1] of the dense
+            layers' time predicted by a runtime model (`calibrate_lam` on the weights LC starts
+            from), whatever the cost: runs with the runtime, FLOPs or storage cost then aim at one
+            latency, and can be compared there (paper 003, Fig. 2). Give `lam` or this, not both.
         cost: `"runtime"` (a device's measured `RuntimeModel`, ms, paper 003), `"flops"` (MMACs) or
             `"storage"` (M params), the LC toolbox's proxies.
         mu_init: `a` of `mu_t = a * b^t` (> 0). Paper 003: 1e-5 (VGG16), 1e-4 (AlexNet).
@@ -90,7 +107,7 @@ class LCOptions:
             other than "runtime".
     """
 
-    lam: float
+    lam: float | None = None
     cost: str = "runtime"
     mu_init: float = 1e-5
     mu_growth: float = 1.2
@@ -101,9 +118,22 @@ class LCOptions:
     layers: list[str] | None = None
     ignored_layers: list[str] = dataclasses.field(default_factory=list)
     runtime_model: str | None = None
+    latency_target: float | None = None
 
     def __post_init__(self) -> None:
-        self.lam = _check_number("lam", self.lam, 0.0, " must be a number >= 0")
+        if (self.lam is None) == (self.latency_target is None):
+            raise ValueError(
+                "Give `lam` (the cost's weight) or `latency_target` (a fraction of the dense layers' predicted "
+                f"latency that sets lam), exactly one; got lam={self.lam!r}, latency_target={self.latency_target!r}."
+            )
+        if self.lam is not None:
+            self.lam = _check_number("lam", self.lam, 0.0, " must be a number >= 0")
+        if self.latency_target is not None:
+            self.latency_target = _check_number(
+                "latency_target", self.latency_target, 0.0, " must be a fraction in (0, 1]", strict=True
+            )
+            if self.latency_target > 1.0:
+                raise ValueError(f"`latency_target` must be a fraction in (0, 1], got {self.latency_target!r}.")
         if self.cost not in COSTS:
             raise ValueError(f"`cost` must be one of {list(COSTS)}, got {self.cost!r}.")
         self.mu_init = _check_number("mu_init", self.mu_init, 0.0, " (a of mu_t = a * b^t) must be > 0", strict=True)
@@ -113,19 +143,29 @@ class LCOptions:
         check_int("steps", self.steps, 1)
         check_int("epochs_per_step", self.epochs_per_step, 1)
         self.tolerance = _check_number("tolerance", self.tolerance, 0.0, " must be >= 0")
-        if self.runtime_model is not None and self.cost != "runtime":
+        if self.runtime_model is not None and self.cost != "runtime" and self.latency_target is None:
             raise ValueError(
-                f"`runtime_model` prices ranks by runtime; it needs `cost`='runtime', got cost={self.cost!r}."
+                "`runtime_model` prices ranks by runtime; it needs `cost`='runtime' (or a `latency_target`), "
+                f"got cost={self.cost!r}."
             )
         self.layers = None if self.layers is None else list(self.layers)
         self.ignored_layers = list(self.ignored_layers)
 
-    def algorithm(self, model: nn.Module, cost: RankCost, layers: Sequence[str]) -> LowRankLC:
-        """The `LowRankLC` of these options over `layers` of `model`, priced by `cost`."""
+    @property
+    def needs_runtime_model(self) -> bool:
+        """Whether a run needs a runtime model: to price ranks, or to calibrate `lam`."""
+        return self.cost == "runtime" or self.latency_target is not None
+
+    def algorithm(self, model: nn.Module, cost: RankCost, layers: Sequence[str], lam: float | None = None) -> LowRankLC:
+        """The `LowRankLC` of these options over `layers` of `model`, priced by `cost`, with `lam`
+        (a calibrated one) or the options' own."""
+        lam = self.lam if lam is None else lam
+        if lam is None:
+            raise ValueError("`latency_target` is set: pass the calibrated `lam` (`calibrate_lam`).")
         return LowRankLC(
             model,
             cost,
-            lam=self.lam,
+            lam=lam,
             mu_init=self.mu_init,
             mu_growth=self.mu_growth,
             steps=self.steps,
@@ -271,6 +311,74 @@ def make_cost(
     if runtime_model is None:
         raise ValueError("The cost 'runtime' needs a runtime model (loaded or measured).")
     return runtime_model
+
+
+@dataclasses.dataclass(frozen=True)
+class LamCalibration:
+    """What `calibrate_lam` found: `lam` and the predicted latency of the ranks it chooses."""
+
+    lam: float
+    mu: float
+    target: float
+    predicted_s: float
+    dense_s: float
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def calibrate_lam(
+    model: nn.Module,
+    layers: Sequence[str],
+    cost: RankCost,
+    runtime_model: RuntimeModel,
+    mu: float,
+    target: float,
+) -> LamCalibration:
+    """The smallest `lam` whose C step at `mu` on `model`'s current weights chooses ranks that
+    `runtime_model` predicts at most `target` x the dense layers' time.
+
+    Why: `lam` is in the cost's unit (ms, MMACs, M params), so one value means another latency per
+    cost, and the C step's choice is monotone in `lam`: a log-bisection over 1e-12..1e6 finds it
+    (0 when `mu` alone already drops that much; 1e6, short of the target, when no lam reaches it).
+    With a proxy cost (FLOPs, storage) the predicted latency need not fall monotonically with
+    `lam`; the bisection then returns a `lam` where it crosses the target.
+    Calibrate at the *first* mu: the first Theta then has the target ranks, and later C steps keep
+    them where the L steps made the dropped singular values small. (At the last mu every earlier C
+    step chooses rank ~0, and with BatchNorm after a conv the L steps can shrink the weights to 0 at
+    no loss: measured on ResNet20, that run collapsed to rank 1 everywhere.) The rest of the network
+    takes the same time whatever the ranks, so only the modelled layers' time is aimed at.
+
+    Raises:
+        ValueError: for a `target` outside (0, 1] or a layer the runtime model does not hold.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"`target` must be a fraction in (0, 1], got {target!r}.")
+    unknown = [name for name in layers if name not in runtime_model.layers]
+    if unknown:
+        raise ValueError(f"The runtime model does not hold these layers to compress: {unknown}.")
+    spectra = {name: squared_singular_values(model.get_submodule(name).weight) for name in layers}
+    costs = {name: cost.layer_costs(name) for name in layers}
+    dense_s = runtime_model.predict({})
+    target_s = target * dense_s
+
+    def predicted_s(lam: float) -> float:
+        ranks = {}
+        for name, spectrum in spectra.items():
+            choice = choose_rank(spectrum, costs[name], mu=mu, lam=lam)
+            ranks[name] = None if choice.dense else max(choice.rank, 1)  # rank 0 runs as rank 1
+        return runtime_model.predict(ranks)
+
+    if predicted_s(0.0) <= target_s:
+        # mu alone drops enough (small singular values): any lam > 0 would only aim lower.
+        return LamCalibration(lam=0.0, mu=mu, target=target, predicted_s=predicted_s(0.0), dense_s=dense_s)
+    low, high = -12.0, 6.0  # log10 lam
+    if predicted_s(10**high) <= target_s:
+        for _ in range(50):
+            middle = (low + high) / 2
+            low, high = (low, middle) if predicted_s(10**middle) <= target_s else (middle, high)
+    # else: no lam reaches the target (layers the cost never factorizes); the largest one comes closest.
+    return LamCalibration(lam=10**high, mu=mu, target=target, predicted_s=predicted_s(10**high), dense_s=dense_s)
 
 
 def cpu_state_dict(state: LCState) -> dict[str, Any]:
