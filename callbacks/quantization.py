@@ -87,8 +87,10 @@ class QuantizationCallback(StructuralCompressionCallback):
         qat_averaging_constant: weight of the newest batch in QAT's activation range EMA, (0, 1].
         stages: when to quantize and report: "fit" (at fit end) and/or "test" (at test start).
         latency_batch_sizes: batch sizes of the CPU latency measurement; empty: no latency.
-        latency_warmup: untimed calls before timing.
-        latency_iters: timed calls (the median is reported).
+        latency_warmup: untimed calls at the start of each model's turn.
+        latency_iters: timed calls per turn (their median is the round's latency).
+        latency_rounds: rounds in which the float, simulated and int8 models alternate (>= 2):
+            the int8 speedup over ONNX Runtime float is paired per round, with a 95% interval.
         threads: CPU threads for the latency measurement (torch and ONNX Runtime); None keeps
             the current setting.
         device: where to evaluate the float and simulated models; None: the trainer's device.
@@ -113,7 +115,8 @@ class QuantizationCallback(StructuralCompressionCallback):
         stages: Sequence[str] = STAGES,
         latency_batch_sizes: Sequence[int] = (1, 128),
         latency_warmup: int = 5,
-        latency_iters: int = 50,
+        latency_iters: int = 10,
+        latency_rounds: int = 5,
         threads: int | None = None,
         device: str | None = None,
         output_dir: str | Path | None = None,
@@ -131,6 +134,7 @@ class QuantizationCallback(StructuralCompressionCallback):
             latency_batch_sizes=latency_batch_sizes,  # type: ignore[arg-type]  # any sequence; stored as a tuple
             latency_warmup=latency_warmup,
             latency_iters=latency_iters,
+            latency_rounds=latency_rounds,
             threads=threads,
         )
         if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:

@@ -212,9 +212,14 @@ def test_int8_model_is_written_measured_and_reloads_in_a_new_process(tmp_path):
     assert results["quant/size_bytes/onnx_int8"] < results["quant/size_bytes/onnx_float"] / 2.5
     for name in ("torch_float", "torch_sim8", "ort_float", "ort_int8"):
         assert results[f"quant/latency_ms/{name}/bs1"] > 0 and results[f"quant/latency_ms/{name}/bs4"] > 0
-    assert results["quant/int8_speedup/bs4"] == pytest.approx(
-        results["quant/latency_ms/ort_float/bs4"] / results["quant/latency_ms/ort_int8/bs4"]
-    )
+    # Measured side by side: a paired speedup per round, with its interval.
+    for size in (1, 4):
+        low, high = results[f"quant/int8_speedup_low/bs{size}"], results[f"quant/int8_speedup_high/bs{size}"]
+        assert 0 < low <= results[f"quant/int8_speedup/bs{size}"] <= high
+    report = json.loads((tmp_path / "quantization.json").read_text())
+    paired = {s["candidate"]: s for s in report["speedups"]["4"]}
+    assert set(paired) == {"torch_float", "torch_sim8", "ort_int8"} and paired["ort_int8"]["baseline"] == "ort_float"
+    assert paired["ort_int8"]["rounds"] == 5 and report["latency"]["ort_int8"]["4"]["iters"] == 3 * 5
 
     # A new process with nothing but the file (and the same validation batches) gets the logged accuracy.
     script = textwrap.dedent(

@@ -46,6 +46,10 @@ def test_report_of_a_bare_module_measures_float_and_simulated_and_leaves_it_as_i
     markdown = report.to_markdown()
     assert "| float | 1.0000 |" in markdown and "| torch_sim8 |" in markdown
     assert "post-training, 8 bits" in markdown
+    # The two models alternated in rounds; the simulated one's speedup is paired over the float one.
+    assert [s["candidate"] for s in report.speedups[2]] == ["torch_sim8"]
+    assert report.speedups[2][0]["baseline"] == "torch_float" and report.speedups[2][0]["rounds"] == FAST.latency_rounds
+    assert "bs2, paired speedup over torch_float: torch_sim8 " in markdown
 
 
 def test_report_refuses_empty_calibration_before_any_work(tmp_path):

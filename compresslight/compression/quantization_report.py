@@ -15,9 +15,10 @@ Steps:
 3. with `int8=True`, exports the float model to ONNX and quantizes it with ONNX Runtime's static
    int8 quantization (`export_int8_onnx`, calibrated on the same batches);
 4. evaluates float, simulated and int8 top-1 on the evaluation batches, in one pass over them;
-5. measures CPU inference latency (`measure_latency`, paper 000's protocol) of the float model
-   in eager PyTorch and in ONNX Runtime, of the simulated model, and of the int8 model, at
-   `latency_batch_sizes`, plus the size of the ONNX files.
+5. measures CPU inference latency of the float model in eager PyTorch and in ONNX Runtime, of the
+   simulated model, and of the int8 model, at `latency_batch_sizes`, side by side (all of them
+   alternate in `latency_rounds` rounds, `compresslight.profiling.side_by_side`), so the int8
+   speedup over ONNX Runtime float is paired per round and has an interval; plus the ONNX file sizes.
 
 What is written (`output_dir`; the callback's log dir), and what reloads in a new process:
 
@@ -39,8 +40,9 @@ test start; accuracies are fractions):
 | `quant/{split}_top1_sim{bits}` | simulated `bits`-bit model |
 | `quant/{split}_top1_drop_sim{bits}` | float minus simulated |
 | `quant/{split}_top1_int8` | int8 ONNX Runtime model |
-| `quant/latency_ms/{model}/bs{B}` | median CPU latency; model: see below |
-| `quant/int8_speedup/bs{B}` | ONNX Runtime float latency / int8 latency |
+| `quant/latency_ms/{model}/bs{B}` | median over rounds of each round's median CPU latency; model: see below |
+| `quant/int8_speedup/bs{B}` | ONNX Runtime float latency / int8 latency, paired per round (geometric mean) |
+| `quant/int8_speedup_low/bs{B}`, `quant/int8_speedup_high/bs{B}` | its 95% bootstrap interval |
 | `quant/size_bytes/onnx_float`, `quant/size_bytes/onnx_int8` | file sizes |
 
 In the latency keys, model: `torch_float`, `torch_sim{bits}`, `ort_float`, `ort_int8`.
@@ -52,6 +54,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import statistics
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -70,7 +73,8 @@ from compresslight.compression.quantization import (
 )
 from compresslight.compression.quantization_onnx import OnnxRuntimeModel, export_int8_onnx
 from compresslight.evaluation import LogitsOutput, evaluate_top1
-from compresslight.profiling.timing import LatencyStats, measure_latency, num_threads
+from compresslight.profiling.side_by_side import PairedSpeedup, SideBySide, format_speedup
+from compresslight.profiling.timing import LatencyStats, num_threads
 
 INT8_FILE = "model_int8.onnx"
 FLOAT_ONNX_FILE = "model_float.onnx"
@@ -99,7 +103,8 @@ class QuantizationReportOptions:
         allow_float_layers: let the int8 export keep layers it cannot quantize in float.
         latency_batch_sizes: batch sizes of the CPU latency measurement; empty: no latency.
         latency_warmup: untimed calls before timing.
-        latency_iters: timed calls (the median is reported).
+        latency_iters: timed calls per turn of a model in a round (their median is the round's latency).
+        latency_rounds: rounds in which all the models alternate (>= 2; paired speedups need two).
         threads: CPU threads for the latency measurement; None keeps the current setting.
 
     Raises:
@@ -114,7 +119,8 @@ class QuantizationReportOptions:
     allow_float_layers: bool = False
     latency_batch_sizes: tuple[int, ...] = (1, 128)
     latency_warmup: int = 5
-    latency_iters: int = 50
+    latency_iters: int = 10
+    latency_rounds: int = 5
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -131,6 +137,7 @@ class QuantizationReportOptions:
             check_int("latency_batch_sizes", size, 1)
         check_int("latency_warmup", self.latency_warmup, 0)
         check_int("latency_iters", self.latency_iters, 1)
+        check_int("latency_rounds", self.latency_rounds, 2)
         if self.threads is not None:
             check_int("threads", self.threads, 1)
 
@@ -140,7 +147,9 @@ class QuantizationReport:
     """Accuracy, latency and size of the float, simulated and int8 models (see `quantization_report`).
 
     `metrics` holds the logged numbers (`quant/...` keys, accuracies as fractions, latency medians
-    in ms); `latency` the full statistics: model name -> batch size -> `LatencyStats`.
+    in ms); `latency` the statistics of the round medians: model name -> batch size -> `LatencyStats`;
+    `speedups` batch size -> each model's paired speedup over the side-by-side baseline
+    (`ort_float` with int8, else `torch_float`), `PairedSpeedup.to_dict()`.
     """
 
     split: str
@@ -155,6 +164,7 @@ class QuantizationReport:
     threads: int
     files: dict[str, str]
     seconds: float
+    speedups: dict[int, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
     def top1(self) -> dict[str, float]:
         """Model name ("float", "sim8", "int8") -> top-1 on `split`."""
@@ -180,6 +190,7 @@ class QuantizationReport:
                 name: {str(batch_size): stats.to_dict() for batch_size, stats in per_batch.items()}
                 for name, per_batch in self.latency.items()
             },
+            "speedups": {str(batch_size): speedups for batch_size, speedups in self.speedups.items()},
             "threads": self.threads,
             "files": self.files,
             "seconds": self.seconds,
@@ -200,11 +211,14 @@ class QuantizationReport:
         lines += [f"| {name} | {value:.4f} |" for name, value in self.top1().items()]
         if self.latency:
             sizes = list(dict.fromkeys(size for per_batch in self.latency.values() for size in per_batch))
-            lines += ["", f"CPU latency, median ms ({self.threads} threads):", ""]
+            lines += ["", f"CPU latency, median ms ({self.threads} threads), models alternating in rounds:", ""]
             lines += ["| model | " + " | ".join(f"bs{size}" for size in sizes) + " |", "|---|" + "---:|" * len(sizes)]
             for name, per_batch in self.latency.items():
                 cells = [f"{per_batch[size].median_s * 1e3:.3f}" if size in per_batch else "-" for size in sizes]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            for size, speedups in self.speedups.items():
+                cells = [f"{s['candidate']} {format_speedup(s['estimate'], s['low'], s['high'])}" for s in speedups]
+                lines += ["", f"bs{size}, paired speedup over {speedups[0]['baseline']}: " + ", ".join(cells)]
         return "\n".join(lines) + "\n"
 
 
@@ -268,15 +282,17 @@ def quantization_report(
         sim = f"sim{options.bits}"
         metrics.update({f"quant/{split}_top1_{name}": accuracy for name, accuracy in top1.items()})
         metrics[f"quant/{split}_top1_drop_{sim}"] = top1["float"] - top1[sim]
-        latency = measure_cpu_latency(
+        latency, speedups = measure_cpu_latency(
             runners,
             input_shape,
             options.latency_batch_sizes,
+            baseline="ort_float" if options.int8 else "torch_float",
             warmup=options.latency_warmup,
             iters=options.latency_iters,
+            rounds=options.latency_rounds,
             threads=options.threads,
         )
-    metrics.update(_latency_metrics(latency, options.latency_batch_sizes))
+    metrics.update(_latency_metrics(latency, speedups))
     return QuantizationReport(
         split=split,
         bits=options.bits,
@@ -290,6 +306,7 @@ def quantization_report(
         threads=options.threads or torch.get_num_threads(),
         files=files,
         seconds=time.perf_counter() - started,
+        speedups={size: [speedup.to_dict() for speedup in found] for size, found in speedups.items()},
     )
 
 
@@ -330,18 +347,21 @@ def _export_onnx_models(
     return {"onnx_float": str(float_path), "onnx_int8": str(int8_path)}
 
 
-def _latency_metrics(latency: Mapping[str, Mapping[int, LatencyStats]], batch_sizes: Sequence[int]) -> dict[str, float]:
-    """`quant/latency_ms/{model}/bs{B}` medians and, with int8, `quant/int8_speedup/bs{B}`."""
+def _latency_metrics(
+    latency: Mapping[str, Mapping[int, LatencyStats]], speedups: Mapping[int, Sequence[PairedSpeedup]]
+) -> dict[str, float]:
+    """`quant/latency_ms/{model}/bs{B}` medians and, with int8, `quant/int8_speedup[_low|_high]/bs{B}`."""
     metrics = {
         f"quant/latency_ms/{name}/bs{batch_size}": stats.median_s * 1e3
         for name, per_batch in latency.items()
         for batch_size, stats in per_batch.items()
     }
-    if "ort_int8" in latency:
-        for batch_size in batch_sizes:
-            metrics[f"quant/int8_speedup/bs{batch_size}"] = (
-                latency["ort_float"][batch_size].median_s / latency["ort_int8"][batch_size].median_s
-            )
+    for batch_size, found in speedups.items():
+        for speedup in found:
+            if speedup.candidate == "ort_int8" and speedup.baseline == "ort_float":
+                metrics[f"quant/int8_speedup/bs{batch_size}"] = speedup.estimate
+                metrics[f"quant/int8_speedup_low/bs{batch_size}"] = speedup.low
+                metrics[f"quant/int8_speedup_high/bs{batch_size}"] = speedup.high
     return metrics
 
 
@@ -351,36 +371,50 @@ def measure_cpu_latency(
     input_shape: Sequence[int],
     batch_sizes: Sequence[int],
     *,
+    baseline: str,
     warmup: int = 5,
     iters: int = 50,
+    rounds: int = 5,
     threads: int | None = None,
-) -> dict[str, dict[int, LatencyStats]]:
-    """CPU inference latency of each model at each batch size, with the one timing loop.
+) -> tuple[dict[str, dict[int, LatencyStats]], dict[int, list[PairedSpeedup]]]:
+    """CPU inference latency of each model at each batch size, side by side: the models alternate
+    in `rounds` rounds (`SideBySide`), so a load change hits them all and the speedups over
+    `baseline` are paired per round (two separate timings on a shared machine differ by 20-50%).
 
     Args:
-        models: name -> model on the CPU in eval mode (eager torch or `OnnxRuntimeModel`).
+        models: name -> model on the CPU in eval mode (eager torch or `OnnxRuntimeModel`); >= 2.
         input_shape: one input without the batch dimension.
         batch_sizes: batch sizes to time.
-        warmup: untimed calls first.
-        iters: timed calls.
+        baseline: the model the speedups are over.
+        warmup: untimed calls at the start of each turn.
+        iters: timed calls per turn (their median is the round's latency).
+        rounds: rounds (>= 2).
         threads: `torch.set_num_threads` during the measurement; None keeps the current one.
             (`OnnxRuntimeModel` has its own thread count, set when it is built.)
 
     Returns:
-        name -> batch size -> `LatencyStats`.
+        (name -> batch size -> `LatencyStats` of its round medians, batch size -> paired speedups).
     """
+    options = SideBySide(
+        warmup=warmup, iters=iters, min_rounds=rounds, max_rounds=rounds, target_width=None, time_budget_s=None
+    )
     generator = torch.Generator().manual_seed(0)
-    results: dict[str, dict[int, LatencyStats]] = {}
+    latency: dict[str, dict[int, LatencyStats]] = {name: {} for name in models}
+    speedups: dict[int, list[PairedSpeedup]] = {}
     with num_threads(threads), torch.inference_mode():
-        for name, model in models.items():
-            results[name] = {}
-            for batch_size in batch_sizes:
-                example = torch.randn(batch_size, *input_shape, generator=generator)
-                # The call is bound now (`model(example)`), not looked up when `measure_latency` calls it.
-                results[name][batch_size] = measure_latency(
-                    functools.partial(model, example), device="cpu", warmup=warmup, iters=iters
+        for batch_size in batch_sizes:
+            example = torch.randn(batch_size, *input_shape, generator=generator)
+            # Each call is bound now (`model(example)`), not looked up when it is timed.
+            calls = {name: functools.partial(model, example) for name, model in models.items()}
+            result = options.run(
+                calls, baseline, setting={"batch_size": batch_size, "threads": threads}, progress=False
+            )
+            for name, medians in result.round_latencies_s.items():
+                latency[name][batch_size] = LatencyStats(
+                    min_s=min(medians), median_s=statistics.median(medians), max_s=max(medians), iters=iters * rounds
                 )
-    return results
+            speedups[batch_size] = list(result.speedups)
+    return latency, speedups
 
 
 @contextlib.contextmanager
