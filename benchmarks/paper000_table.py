@@ -1,6 +1,8 @@
 """Paper 000's table from the runs `benchmarks/reproduce_paper000.sh` made: reads each run's
 metrics.csv (last validation top-1 and macro F1) and its `cli.py profile --baseline` report
-(profile.json: side-by-side speedups with intervals), prints one Markdown table per thread count.
+(profile.json: side-by-side speedups with intervals), and its int8 `cli.py test` report
+(int8/version_*/quantization.json: int8 ONNX Runtime top-1 and its speedup over ONNX Runtime float,
+side by side); prints one Markdown table per thread count.
 
     python benchmarks/paper000_table.py runs/paper000 prune12 prune25 tucker_vbmf tucker_vbmf_runtime
 """
@@ -45,6 +47,25 @@ def latest(path: Path) -> Path:
     return versions[-1]
 
 
+def int8_cells(run_dir: Path) -> str:
+    """ "int8 top-1 | int8 vs ORT float b1 | b128" from the run's int8 `cli.py test`, or dashes."""
+    runs = sorted((run_dir / "int8").glob("version_*/quantization.json"), key=lambda p: int(p.parent.name[8:]))
+    if not runs:
+        return "- | - | -"
+    metrics = json.loads(runs[-1].read_text())["metrics"]
+    cells = [f"{100 * metrics['quant/test_top1_int8']:.2f}%"]
+    for size in (1, 128):
+        estimate, low, high = (metrics.get(f"quant/int8_speedup{part}/bs{size}") for part in ("", "_low", "_high"))
+        cells.append("-" if estimate is None else f"{estimate:.2f}x [{low:.2f}, {high:.2f}]")
+    return " | ".join(cells)
+
+
+def memory_cell(comparison: dict) -> str:
+    """Inference memory compression (paper 000's estimate) at batch 1 / 128."""
+    by_size = {m["batch_size"]: m["inference"] for m in comparison["memory_compression"]}
+    return " / ".join(f"{by_size[size]:.2f}x" if size in by_size else "-" for size in (1, 128))
+
+
 def speedup_cell(speedups: list[dict], backend: str, mode: str, batch_size: int) -> str:
     for s in speedups:
         if (s["backend"], s["mode"], s["batch_size"]) == (backend, mode, batch_size):
@@ -55,7 +76,8 @@ def speedup_cell(speedups: list[dict], backend: str, mode: str, batch_size: int)
 
 
 def main(out: Path, methods: list[str]) -> None:
-    baseline_metrics = last_metrics(latest(out / "resnet20_pretrained"), "test")
+    baseline_run = latest(out / "resnet20_pretrained")
+    baseline_metrics = last_metrics(baseline_run, "test")
     rows: dict[int, list[str]] = {}
     for method in methods:
         run = latest(out / f"resnet20_{method}")
@@ -67,22 +89,23 @@ def main(out: Path, methods: list[str]) -> None:
             if threads not in rows:
                 rows[threads] = [
                     f"| baseline (published, fine-tuned) | {base['params']['total']:,} | "
-                    f"{base['params']['bytes'] / 1024:.0f} KiB | 1.00x | {100 * baseline_metrics['top1']:.2f}% | "
-                    f"{baseline_metrics['f1']:.4f} | "
+                    f"{base['params']['bytes'] / 1024:.0f} KiB | 1.00x / 1.00x | 1.00x | "
+                    f"{100 * baseline_metrics['top1']:.2f}% | {baseline_metrics['f1']:.4f} | "
                     + " | ".join("1.00x" for _ in COLUMNS)
-                    + f" | {PAPER['baseline']} |"
+                    + f" | {int8_cells(out / 'resnet20_pretrained')} | {PAPER['baseline']} |"
                 ]
             cells = [speedup_cell(comparison["speedups"], *column) for column in COLUMNS]
             rows[threads].append(
                 f"| {method} | {current['params']['total']:,} | {current['params']['bytes'] / 1024:.0f} KiB | "
-                f"{comparison['theoretical_speedup']:.2f}x | {100 * metrics['top1']:.2f}% | {metrics['f1']:.4f} | "
+                f"{memory_cell(comparison)} | {comparison['theoretical_speedup']:.2f}x | "
+                f"{100 * metrics['top1']:.2f}% | {metrics['f1']:.4f} | "
                 + " | ".join(cells)
-                + f" | {PAPER.get(method, '- / -')} |"
+                + f" | {int8_cells(run)} | {PAPER.get(method, '- / -')} |"
             )
     header = (
-        "| model | params | weights | theoretical | top-1 | macro F1 | "
+        "| model | params | weights | memory b1 / b128 | theoretical | top-1 | macro F1 | "
         + " | ".join(f"{b} {m} b{n}" for b, m, n in COLUMNS)
-        + " | paper 000 top-1 / params |"
+        + " | int8 top-1 | int8 vs ORT float b1 | b128 | paper 000 top-1 / params |"
     )
     for threads, lines in sorted(rows.items()):
         print(f"\n{threads} thread(s); speedups over the baseline, side by side [95% interval]\n")
