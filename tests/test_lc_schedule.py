@@ -49,7 +49,10 @@ def test_c_steps_are_due_at_the_start_of_the_epoch_after_each_l_step(model):
         (dict(lam=1.0, steps=True), r"`steps` must be an int >= 1, got True"),
         (dict(lam=1.0, epochs_per_step=0), r"`epochs_per_step` must be an int >= 1, got 0"),
         (dict(lam=1.0, tolerance="0"), r"`tolerance` must be >= 0, got '0'"),
-        (dict(lam=1.0, cost="storage", runtime_model="rm.json"), r"needs `cost`='runtime', got cost='storage'"),
+        (
+            dict(lam=1.0, cost="storage", runtime_model="rm.json"),
+            r"needs `cost`='runtime' \(or a `latency_target`\), got cost='storage'",
+        ),
     ],
 )
 def test_bad_options_fail_clearly(kwargs, message):
