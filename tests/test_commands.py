@@ -2,6 +2,7 @@
 that read its checkpoint (`profile`, `sensitivity`) and `runtime-model`."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,23 @@ def test_profile_command_compares_a_checkpoint_with_its_baseline(fitted, tmp_pat
     for entry in comparison["speedups"]:
         assert entry["rounds"] == 3 and entry["low"] <= entry["observed"] <= entry["high"]
         assert entry["verdict"] in ("faster", "not distinguishable", "slower")
+
+
+def test_profile_command_compares_two_checkpoints_with_one_file_name(fitted, tmp_path):
+    # Two runs' `last.ckpt` (each named by its file stem) are two models, side by side.
+    config_path, _, checkpoint = fitted
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        shutil.copy(checkpoint, tmp_path / run / "last.ckpt")
+    main(
+        ["profile", "--config", str(config_path), "--ckpt_path", str(tmp_path / "a" / "last.ckpt")]
+        + ["--baseline", str(tmp_path / "b" / "last.ckpt"), "--batch_sizes", "1", "--threads", "1", "--no_train"]
+        + ["--warmup", "0", "--iters", "2", "--min_rounds", "2", "--max_rounds", "2", "--output_dir", str(tmp_path)]
+    )
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["baseline"][0]["name"] == "last (baseline)" and report["current"][0]["name"] == "last"
+    (speedup,) = report["comparisons"][0]["speedups"]
+    assert speedup["rounds"] == 2 and speedup["low"] <= speedup["observed"] <= speedup["high"]
 
 
 def test_profile_command_rejects_bad_rounds(fitted, capsys):

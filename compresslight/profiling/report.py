@@ -197,6 +197,8 @@ def profile_and_report(
     """
     if baseline_model is not None and baseline_profiles is not None:
         raise ValueError("Pass `baseline_model` or `baseline_profiles`, not both.")
+    if baseline_name == name:  # e.g. two runs' `last.ckpt`: the side-by-side needs a name per model
+        baseline_name = f"{baseline_name} (baseline)"
     if "device" in profile_kwargs:  # `profile`'s spelling, for callers that forward its arguments
         devices = profile_kwargs.pop("device")
     device_list = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
