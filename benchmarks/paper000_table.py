@@ -56,7 +56,8 @@ def int8_cells(run_dir: Path) -> str:
     cells = [f"{100 * metrics['quant/test_top1_int8']:.2f}%"]
     for size in (1, 128):
         estimate, low, high = (metrics.get(f"quant/int8_speedup{part}/bs{size}") for part in ("", "_low", "_high"))
-        cells.append("-" if estimate is None else f"{estimate:.2f}x [{low:.2f}, {high:.2f}]")
+        verdict = "" if estimate is None or low > 1 else (" slower" if high < 1 else " not distinguishable")
+        cells.append("-" if estimate is None else f"{estimate:.2f}x [{low:.2f}, {high:.2f}]{verdict}")
     return " | ".join(cells)
 
 
