@@ -56,7 +56,8 @@ def pruning_args(trial_dir: Path) -> dict[str, Any]:
     """The `PruningCallback` init args of a trial's fit config."""
     config = yaml.safe_load((trial_dir / "trial.yaml").read_text())
     for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"] == PRUNING_CALLBACK:
+        # Configs name it by its package export (`compresslight.callbacks.PruningCallback`) or its module.
+        if callback["class_path"].rsplit(".", 1)[-1] == PRUNING_CALLBACK.rsplit(".", 1)[-1]:
             return callback["init_args"]
     raise ValueError(f"{trial_dir / 'trial.yaml'} has no {PRUNING_CALLBACK}.")
 
