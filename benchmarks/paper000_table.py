@@ -47,17 +47,23 @@ def latest(path: Path) -> Path:
     return versions[-1]
 
 
+def format_cell(estimate: float, low: float | None, high: float | None, verdict: str | None) -> str:
+    """ "1.23x [1.10, 1.38]", with the verdict unless it is "faster"."""
+    interval = f" [{low:.2f}, {high:.2f}]" if low is not None else ""
+    mark = "" if verdict in (None, "faster") else f" {verdict}"
+    return f"{estimate:.2f}x{interval}{mark}"
+
+
 def int8_cells(run_dir: Path) -> str:
-    """ "int8 top-1 | int8 vs ORT float b1 | b128" from the run's int8 `cli.py test`, or dashes."""
+    """The "int8 top-1 | int8 vs ORT float b1 | b128" from the run's int8 `cli.py test`, or dashes."""
     runs = sorted((run_dir / "int8").glob("version_*/quantization.json"), key=lambda p: int(p.parent.name[8:]))
     if not runs:
         return "- | - | -"
-    metrics = json.loads(runs[-1].read_text())["metrics"]
-    cells = [f"{100 * metrics['quant/test_top1_int8']:.2f}%"]
+    report = json.loads(runs[-1].read_text())
+    cells = [f"{100 * report['metrics']['quant/test_top1_int8']:.2f}%"]
     for size in (1, 128):
-        estimate, low, high = (metrics.get(f"quant/int8_speedup{part}/bs{size}") for part in ("", "_low", "_high"))
-        verdict = "" if estimate is None or low > 1 else (" slower" if high < 1 else " not distinguishable")
-        cells.append("-" if estimate is None else f"{estimate:.2f}x [{low:.2f}, {high:.2f}]{verdict}")
+        int8 = next((s for s in report.get("speedups", {}).get(str(size), []) if s["candidate"] == "ort_int8"), None)
+        cells.append("-" if int8 is None else format_cell(int8["estimate"], int8["low"], int8["high"], int8["verdict"]))
     return " | ".join(cells)
 
 
@@ -70,9 +76,7 @@ def memory_cell(comparison: dict) -> str:
 def speedup_cell(speedups: list[dict], backend: str, mode: str, batch_size: int) -> str:
     for s in speedups:
         if (s["backend"], s["mode"], s["batch_size"]) == (backend, mode, batch_size):
-            interval = f" [{s['low']:.2f}, {s['high']:.2f}]" if s.get("low") is not None else ""
-            mark = "" if s.get("verdict") in (None, "faster") else f" {s['verdict']}"
-            return f"{s['observed']:.2f}x{interval}{mark}"
+            return format_cell(s["observed"], s.get("low"), s.get("high"), s.get("verdict"))
     return "-"
 
 

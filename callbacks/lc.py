@@ -263,17 +263,18 @@ class LCCallback(StructuralCompressionCallback):
             return found.to_dict()
 
         found = run_on_rank_zero(trainer, calibrate, "LCCallback's lam calibration")
-        if trainer.is_global_zero:
-            log.info(
-                "LCCallback: lam=%.4g aims the first C step at %.2f ms, %.0f%% of the dense layers' %.2f ms "
-                "(latency_target %.2f).",
-                found["lam"], found["predicted_s"] * 1e3, 100 * found["predicted_s"] / found["dense_s"],
-                found["dense_s"] * 1e3, found["target"],
-            )  # fmt: skip
-            for logger in trainer.loggers:
-                logger.log_metrics({"lc/lam": found["lam"]}, step=trainer.global_step)
-            append_jsonl(self._log_path(LOG_FILE), {"event": "lam_calibration", **found})
+        self._log_lam_calibration(trainer, found)
         return float(found["lam"])
+
+    @rank_zero_only
+    def _log_lam_calibration(self, trainer: pl.Trainer, found: dict[str, float]) -> None:
+        log.info(
+            "LCCallback: lam=%.4g aims the first C step at %.2f ms, %.0f%% of the dense layers' %.2f ms "
+            "(latency_target %.2f).",
+            found["lam"], found["predicted_s"] * 1e3, 100 * found["predicted_s"] / found["dense_s"],
+            found["dense_s"] * 1e3, found["target"],
+        )  # fmt: skip
+        self._emit(trainer, {"lc/lam": found["lam"]}, {"event": "lam_calibration", **found})
 
     def _runtime_model(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, inputs: torch.Tensor
